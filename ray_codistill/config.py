@@ -1,0 +1,297 @@
+"""The one typed experiment config: dataclasses, defaults, validation, YAML and `--set` overrides.
+
+A baseline is a config, not a branch: `method` picks codistill / allreduce / independent and every
+other field means the same thing for all three. Everything is checked in `__post_init__`, so an
+invalid value is refused (ConfigError, exit status 2 in the CLI) before Ray or a worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+METHODS = ("codistill", "allreduce", "independent")
+DATASETS = ("mnist1d", "synthetic", "imagefolder", "cifar10")
+
+
+class ConfigError(ValueError):
+    """An invalid config value or key; the message names the key and what is allowed."""
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(value: Any, key: str, allowed: tuple) -> None:
+    _check(value in allowed, key, f"got {value!r}, allowed values: {', '.join(map(str, allowed))}")
+
+
+@dataclass
+class DataConfig:
+    name: Literal["mnist1d", "synthetic", "imagefolder", "cifar10"] = "mnist1d"
+    root: str | None = None  # folder for imagefolder / cifar10; never downloaded into
+    val_fraction: float = 0.1  # carved from the training set; test split is for final figures only
+    num_samples: int = 5000  # mnist1d / synthetic: total samples generated (train + test)
+    test_fraction: float = 0.2  # mnist1d / synthetic: share of num_samples held out as test split
+    num_classes: int = 10  # synthetic only (the others know their own)
+    length: int = 40  # synthetic only: input vector length
+    data_seed: int = 42  # generation and split seed, shared by every replica and method
+    image_size: int = 32  # imagefolder: images are resized to image_size x image_size
+    num_workers: int = 0  # DataLoader worker processes for image datasets
+
+    def __post_init__(self) -> None:
+        _choice(self.name, "data.name", DATASETS)
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"got {self.val_fraction}, must be in (0, 1)")
+        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", f"got {self.test_fraction}, must be in (0, 1)")
+        _check(self.num_samples >= 20, "data.num_samples", f"got {self.num_samples}, must be >= 20")
+        _check(self.num_classes >= 2, "data.num_classes", f"got {self.num_classes}, must be >= 2")
+        _check(self.length >= 1, "data.length", f"got {self.length}, must be >= 1")
+        _check(self.image_size >= 8, "data.image_size", f"got {self.image_size}, must be >= 8")
+        _check(self.num_workers >= 0, "data.num_workers", f"got {self.num_workers}, must be >= 0")
+        if self.name in ("imagefolder", "cifar10"):
+            _check(bool(self.root), "data.root", f"required for data.name={self.name} (a local folder; nothing is downloaded)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mnist1d_cnn"  # mnist1d_cnn | mlp | any torchvision classification model (resnet18, ...)
+    hidden: int = 100  # mlp: hidden width
+    channels: int = 25  # mnist1d_cnn: channels per conv layer
+    small_input_stem: bool = False  # torchvision ResNets: 3x3 stem without max-pool for 32x32 inputs
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "must not be empty")
+        _check(self.hidden >= 1, "model.hidden", f"got {self.hidden}, must be >= 1")
+        _check(self.channels >= 1, "model.channels", f"got {self.channels}, must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam"] = "adam"
+    lr: float = 1e-2
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 0.0  # coupled L2 (torch's weight_decay), as in the reference study
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = 0  # linear warm-up from 0 before the schedule
+    milestones: list[int] = field(default_factory=list)  # step schedule: multiply lr by gamma at these steps
+    gamma: float = 0.1  # step schedule factor
+    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of lr
+
+    def __post_init__(self) -> None:
+        _choice(self.name, "optim.name", ("sgd", "adam"))
+        _choice(self.schedule, "optim.schedule", ("constant", "cosine", "step"))
+        _check(self.lr > 0, "optim.lr", f"got {self.lr}, must be > 0")
+        _check(0 <= self.momentum < 1, "optim.momentum", f"got {self.momentum}, must be in [0, 1)")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"got {self.weight_decay}, must be >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"got {self.warmup_steps}, must be >= 0")
+        _check(0 < self.gamma <= 1, "optim.gamma", f"got {self.gamma}, must be in (0, 1]")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"got {self.min_lr_ratio}, must be in [0, 1]")
+        _check(all(isinstance(m, int) and m > 0 for m in self.milestones), "optim.milestones",
+               f"got {self.milestones!r}, must be a list of positive step numbers")
+        _check(list(self.milestones) == sorted(self.milestones), "optim.milestones", "must be increasing")
+        if self.schedule == "step":
+            _check(bool(self.milestones), "optim.milestones", "required (non-empty) for optim.schedule=step")
+
+
+@dataclass
+class CodistillConfig:
+    alpha: float = 0.5  # weight of the distillation term (forced to 0 for `independent`)
+    burn_in: int = 0  # steps with alpha = 0 before distillation starts
+    ramp_steps: int = 0  # after burn-in, alpha rises linearly to its value over this many steps
+    distance: Literal["kl", "mse"] = "kl"
+    temperature: float = 1.0  # kl only: softmax temperature; the term is scaled by T^2
+    exchange: Literal["logits", "weights"] = "logits"
+    exchange_every: int = 50  # weights mode: steps between publications of a replica's weights
+    max_staleness: int | None = None  # logits mode: drop teachers older than this many teacher steps
+    fetch_timeout_s: float = 1.0  # a broker answer later than this means "no teacher this step"
+    wait_for_peers_s: float = 120.0  # at start, wait up to this long for every replica to be up (0: don't)
+
+    def __post_init__(self) -> None:
+        _check(self.alpha >= 0, "codistill.alpha", f"got {self.alpha}, must be >= 0")
+        _check(self.burn_in >= 0, "codistill.burn_in", f"got {self.burn_in}, must be >= 0")
+        _check(self.ramp_steps >= 0, "codistill.ramp_steps", f"got {self.ramp_steps}, must be >= 0")
+        _choice(self.distance, "codistill.distance", ("kl", "mse"))
+        _choice(self.exchange, "codistill.exchange", ("logits", "weights"))
+        _check(self.temperature > 0, "codistill.temperature", f"got {self.temperature}, must be > 0")
+        _check(self.exchange_every >= 1, "codistill.exchange_every", f"got {self.exchange_every}, must be >= 1")
+        _check(self.max_staleness is None or self.max_staleness >= 0, "codistill.max_staleness",
+               f"got {self.max_staleness}, must be >= 0 or null (no limit)")
+        _check(self.wait_for_peers_s >= 0, "codistill.wait_for_peers_s",
+               f"got {self.wait_for_peers_s}, must be >= 0")
+        _check(self.fetch_timeout_s > 0, "codistill.fetch_timeout_s", f"got {self.fetch_timeout_s}, must be > 0")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"  # unique experiment name; results go to <storage_path>/<name>
+    method: Literal["codistill", "allreduce", "independent"] = "codistill"
+    replicas: int = 2  # R; allreduce trains one model on R x workers_per_replica workers
+    workers_per_replica: int = 1  # W: DDP workers inside one replica's worker group
+    cpus_per_worker: float = 1.0  # fractional values let several worker groups share a small machine
+    use_gpu: bool = False  # one GPU per worker; the device comes from Ray Train
+    seed: int = 0  # replica r uses seed * 1000 + r for its init and data order
+    steps: int = 1000  # optimizer steps per replica (and for allreduce)
+    batch_size: int = 100  # per worker
+    eval_every: int = 200  # steps between validation passes (rank 0 of each replica)
+    log_every: int = 20  # steps between metric rows / progress updates
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
+    replica_max_failures: int = 0  # FailureConfig(max_failures) of each replica's worker group
+    storage_path: str = "results"  # experiment folders go here (a shared path on multi-node clusters)
+    eval_batch_size: int = 1000
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    codistill: CodistillConfig = field(default_factory=CodistillConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or "")), "name",
+               f"got {self.name!r}, use letters, digits, '_', '.', '-'")
+        _choice(self.method, "method", METHODS)
+        _check(self.replicas >= 1, "replicas", f"got {self.replicas}, must be >= 1")
+        if self.method == "codistill":
+            _check(self.replicas >= 2, "replicas", f"got {self.replicas}, codistill needs >= 2")
+        _check(self.workers_per_replica >= 1, "workers_per_replica", f"got {self.workers_per_replica}, must be >= 1")
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", f"got {self.cpus_per_worker}, must be > 0")
+        _check(self.steps >= 1, "steps", f"got {self.steps}, must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", f"got {self.batch_size}, must be >= 1")
+        _check(self.eval_batch_size >= 1, "eval_batch_size", f"got {self.eval_batch_size}, must be >= 1")
+        _check(self.eval_every >= 1, "eval_every", f"got {self.eval_every}, must be >= 1")
+        _check(self.log_every >= 1, "log_every", f"got {self.log_every}, must be >= 1")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", f"got {self.checkpoint_every}, must be >= 0")
+        _check(self.replica_max_failures >= 0, "replica_max_failures", f"got {self.replica_max_failures}, must be >= 0")
+        _check(bool(self.storage_path), "storage_path", "must not be empty")
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def num_models(self) -> int:
+        """Models trained: R for codistill / independent, 1 for allreduce."""
+        return 1 if self.method == "allreduce" else self.replicas
+
+    @property
+    def workers_per_model(self) -> int:
+        return self.replicas * self.workers_per_replica if self.method == "allreduce" else self.workers_per_replica
+
+    @property
+    def distills(self) -> bool:
+        return self.method == "codistill" and self.codistill.alpha > 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ExperimentConfig":
+        return _build(cls, raw, prefix="")
+
+    def replace(self, **overrides: Any) -> "ExperimentConfig":
+        """A copy with dotted-key overrides applied and validated again."""
+        raw = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(raw, key, value)
+        return ExperimentConfig.from_dict(raw)
+
+
+# -- building from plain data --------------------------------------------------------------------
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys: {', '.join(prefix + n for n in names)}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        key, value, hint = prefix + name, raw[name], hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # pragma: no cover - guarded by the unknown-key check above
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a field's type; ints are accepted for floats."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        _choice(value, key, args)
+        return value
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        _check(isinstance(value, list), key, f"got {value!r}, expected a list")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        _check(isinstance(value, bool), key, f"got {value!r}, expected true or false")
+        return value
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"got {value!r}, expected an integer")
+        return value
+    if hint is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"got {value!r}, expected a number")
+        return float(value)
+    if hint is str:
+        _check(isinstance(value, str), key, f"got {value!r}, expected a string")
+        return value
+    return value  # pragma: no cover
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})  # an unknown section is refused, by name, when built
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: '{part}' is not a config section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as YAML (so 0.1 is a float, true a bool, [1, 2] a list)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        return key, yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot read value {value!r}: {err}") from err
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), **fields: Any) -> ExperimentConfig:
+    """Read a YAML preset, apply `--set key=value` overrides, then keyword fields; validate once."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config: {path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of keys")
+    for text in overrides:
+        _set_dotted(raw, *parse_override(text))
+    for key, value in fields.items():
+        if value is not None:
+            _set_dotted(raw, key, value)
+    return ExperimentConfig.from_dict(raw)

@@ -1,0 +1,265 @@
+"""Runs one experiment: checks, the broker, the worker groups, and the result files.
+
+`run(cfg)` checks everything that can be checked before a worker starts (data, model, storage,
+resources), attaches to Ray (local when no address is given), starts the experiment's broker and
+fits one `TorchTrainer` per replica concurrently (one for `allreduce`), prints progress while they
+train, and writes `metrics.parquet` and `summary.json` under `<storage_path>/<name>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from ray_codistill.broker import start_broker
+from ray_codistill.config import ConfigError, ExperimentConfig
+from ray_codistill.data import describe, load_splits
+from ray_codistill.models import check_model
+from ray_codistill.replica import train_loop_per_worker
+
+ID_COLUMNS = ["experiment", "method", "replica", "seed", "step"]
+
+
+class RunError(RuntimeError):
+    """A replica's worker group failed, or the cluster cannot host the experiment."""
+
+
+@dataclass
+class ExperimentResult:
+    path: Path
+    summary: dict
+
+
+def say(msg: str) -> None:
+    print(f"[ray-codistill] {msg}", flush=True)
+
+
+# -- small file helpers ---------------------------------------------------------------------------
+
+def write_atomic(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n"))
+
+
+def write_parquet(path: Path, df: pd.DataFrame) -> None:
+    write_atomic(path, lambda tmp: df.to_parquet(tmp, engine="pyarrow", index=False))
+
+
+def _jsonable(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def git_revision() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def versions() -> dict:
+    import torch
+    import torchvision
+    return {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "pandas": pd.__version__}
+
+
+# -- checks before anything starts ----------------------------------------------------------------
+
+def prepare_folder(cfg: ExperimentConfig, overwrite: bool) -> Path:
+    root = Path(cfg.storage_path).expanduser().resolve()
+    path = root / cfg.name
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"name: experiment folder {path} exists already; pick another name "
+                              f"(--name) or pass --overwrite to replace it")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"storage_path: cannot write to {root}: {err.strerror or err}") from err
+    return path
+
+
+def init_ray(address: str | None = None) -> None:
+    """Attach to the cluster at `address` (or RAY_ADDRESS); without one, start Ray locally."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise RunError(f"cannot reach a Ray cluster at {address!r}: {str(err).splitlines()[0]}") from err
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    need_cpu = cfg.num_models * cfg.workers_per_model * cfg.cpus_per_worker
+    have = ray.cluster_resources()
+    if need_cpu > have.get("CPU", 0) + 1e-9:
+        raise RunError(f"the experiment needs {need_cpu:g} CPUs ({cfg.num_models} worker group(s) x "
+                       f"{cfg.workers_per_model} worker(s) x cpus_per_worker={cfg.cpus_per_worker:g}) but the "
+                       f"cluster has {have.get('CPU', 0):g}; lower cpus_per_worker or add nodes")
+    if cfg.use_gpu and cfg.num_models * cfg.workers_per_model > have.get("GPU", 0):
+        raise RunError(f"use_gpu=true needs {cfg.num_models * cfg.workers_per_model} GPUs, "
+                       f"the cluster has {have.get('GPU', 0):g}")
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+def _trainer(cfg: ExperimentConfig, replica: int, splits_ref, folder: Path) -> TorchTrainer:
+    run_name = f"{cfg.name}-allreduce" if cfg.method == "allreduce" else f"{cfg.name}-r{replica}"
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "replica": replica, "splits": splits_ref},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers_per_model, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(folder / "train"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.replica_max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+def _progress_line(cfg: ExperimentConfig, progress: dict) -> str:
+    parts = []
+    for r in range(cfg.num_models):
+        p = progress.get(r)
+        if not p:
+            parts.append(f"r{r} starting")
+            continue
+        text = f"r{r} step {p['step']}/{cfg.steps} loss {p['train/loss']:.3f}"
+        if p.get("val/acc") is not None:
+            text += f" val {p['val/acc']:.3f}"
+        if p.get("perf/samples_per_s"):
+            text += f" {p['perf/samples_per_s']:.0f} samples/s"
+        if p.get("distill/hit_rate") is not None:
+            text += f" hits {p['distill/hit_rate']:.0%}"
+        parts.append(text)
+    return " | ".join(parts)
+
+
+def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = False,
+        progress_every_s: float = 10.0) -> ExperimentResult:
+    """Train one experiment to the end and write its result files; returns where they are."""
+    folder = prepare_folder(cfg, overwrite)
+    splits = load_splits(cfg.data)
+    check_model(cfg.model, splits.input_shape, splits.num_classes)
+    init_ray(address)
+    check_resources(cfg)
+    say(f"experiment {cfg.name}: {cfg.method}, {cfg.num_models} model(s) x {cfg.workers_per_model} worker(s), "
+        f"{cfg.steps} steps, batch {cfg.batch_size}/worker; {describe(splits)}")
+    say(f"results: {folder}")
+
+    started = time.time()
+    broker = start_broker(cfg.name, cfg.num_models, len(splits.train), cfg.codistill.max_staleness)
+    splits_ref = ray.put(splits)
+    trainers = [_trainer(cfg, r, splits_ref, folder) for r in range(cfg.num_models)]
+    errors: dict[int, BaseException] = {}
+    try:
+        with ThreadPoolExecutor(max_workers=len(trainers), thread_name_prefix="replica") as pool:
+            futures = [pool.submit(t.fit) for t in trainers]
+            last = 0.0
+            while not all(f.done() for f in futures):
+                time.sleep(0.5)
+                if time.time() - last >= progress_every_s:
+                    last = time.time()
+                    try:
+                        say(_progress_line(cfg, ray.get(broker.progress.remote(), timeout=10)))
+                    except Exception as err:  # progress is best-effort; training goes on
+                        say(f"progress unavailable: {type(err).__name__}")
+            for r, f in enumerate(futures):
+                if f.exception() is not None:
+                    errors[r] = f.exception()
+        rows, final, stats = ray.get([broker.rows.remote(), broker.final.remote(), broker.stats.remote()])
+    finally:
+        ray.kill(broker)
+    wall = time.time() - started
+
+    metrics = _metrics_table(cfg, rows)
+    write_parquet(folder / "metrics.parquet", metrics)
+    summary = _summary(cfg, final, stats, wall, errors)
+    write_json(folder / "summary.json", summary)
+    if errors:
+        first = next(iter(errors.values()))
+        raise RunError(f"{len(errors)} worker group(s) failed (replica(s) {sorted(errors)}): {first}") from first
+    say(f"finished in {wall:.0f}s: test acc {_fmt_accs(summary)}; results in {folder}")
+    return ExperimentResult(folder, summary)
+
+
+def _fmt_accs(summary: dict) -> str:
+    accs = " ".join(f"r{r['replica']}={r['test_acc']:.4f}" for r in summary["replicas"])
+    ens = summary.get("ensemble_test_acc")
+    return accs + (f", ensemble {ens:.4f}" if ens is not None else "")
+
+
+def _metrics_table(cfg: ExperimentConfig, rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    if df.empty:
+        df = pd.DataFrame(columns=["replica", "step"])
+    df["experiment"], df["method"], df["seed"] = cfg.name, cfg.method, cfg.seed
+    df = df.sort_values(["replica", "step"], kind="stable").reset_index(drop=True)
+    rest = [c for c in df.columns if c not in ID_COLUMNS]
+    return df[ID_COLUMNS + rest]
+
+
+def _summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, errors: dict) -> dict:
+    replicas = [final[r]["result"] for r in sorted(final)]
+    ensemble = None
+    if len(final) > 1:
+        probs = np.mean([final[r]["probs"] for r in sorted(final)], axis=0)
+        labels = final[sorted(final)[0]]["labels"]
+        ensemble = float((probs.argmax(1) == labels).mean())
+    counters = stats["replicas"]
+    return {
+        "experiment": cfg.name, "method": cfg.method, "seed": cfg.seed, "num_models": cfg.num_models,
+        "status": "failed" if errors else "finished",
+        "errors": {str(r): repr(e) for r, e in errors.items()},
+        "replicas": replicas,
+        "test_acc_mean": float(np.mean([r["test_acc"] for r in replicas])) if replicas else None,
+        "ensemble_test_acc": ensemble,
+        "wall_time_s": wall,
+        "bytes_exchanged": int(sum(c["bytes_in"] + c["bytes_out"] for c in counters.values())),
+        "allreduce_bytes": int(sum(r.get("allreduce_bytes", 0) for r in replicas)),
+        "broker": {str(r): {k: v for k, v in c.items() if k != "workers"} for r, c in counters.items()},
+        "config": cfg.to_dict(), "versions": versions(), "git_rev": git_revision(),
+        "command": " ".join(sys.argv),
+    }

@@ -1,0 +1,304 @@
+"""The training loop of one Ray Train worker, read top to bottom.
+
+Each worker of a replica's worker group runs `train_loop_per_worker`. Per step it goes:
+fetch teachers -> forward -> loss -> step -> publish -> evaluate -> report. Replicas meet only
+through the broker (teacher material, metric rows); inside a replica, DDP synchronises gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+
+from ray_codistill.broker import BrokerClient
+from ray_codistill.config import ExperimentConfig
+from ray_codistill.data import eval_batches, train_batches
+from ray_codistill.loss import alpha_at, codistill_loss
+from ray_codistill.models import build_model
+from ray_codistill.optim import build_optimizer
+
+
+def replica_seed(seed: int, replica: int) -> int:
+    """Each replica has its own init and data order; seeds never collide across experiments."""
+    return seed * 1000 + replica
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+class LogitsTeacher:
+    """Peers' stored logits of this batch's samples, fetched one step ahead from the broker."""
+
+    def __init__(self, client: BrokerClient) -> None:
+        self.client = client
+        self.pending = None
+
+    def request(self, idx: torch.Tensor) -> None:
+        self.pending = self.client.fetch_async(idx.numpy())
+
+    def teacher(self, x: torch.Tensor, step: int, device: torch.device):
+        answer, self.pending = self.client.resolve(self.pending), None
+        if answer is None or answer[0] is None:
+            return None
+        logits, mask, age = answer
+        # torch.tensor copies: arrays from Ray's object store are read-only
+        return torch.tensor(logits, device=device), torch.tensor(mask, device=device), age[mask]
+
+    def publish(self, step: int, idx: torch.Tensor, logits: torch.Tensor) -> None:
+        self.client.publish(step, idx.numpy(), logits.detach().to("cpu", torch.float16).numpy())
+
+    def flush(self) -> None:
+        pass  # the broker counts logits exchanges itself
+
+
+class WeightsTeacher:
+    """Local eval-mode copies of the peers' latest published weights, run on our own batch.
+
+    Every `every` steps we ask the broker for the peers' newest state dicts and load them as soon
+    as the answer arrives (never waiting for it); until then the older teacher serves.
+    """
+
+    def __init__(self, client: BrokerClient, model_fn, every: int, device: torch.device) -> None:
+        self.client, self.model_fn, self.every, self.device = client, model_fn, every, device
+        self.peers: dict[int, tuple[torch.nn.Module, int]] = {}  # peer -> (model, weights step)
+        self.peer_latest: dict[int, int] = {}  # peer -> its newest step, as the broker last said
+        self.pending = None
+        self.tally = {"hits": 0, "misses": 0, "ages": [], "bytes": 0}
+
+    def request(self, idx: torch.Tensor) -> None:
+        pass  # weights are polled every `every` steps, not per batch
+
+    def _load(self, answer: dict) -> None:
+        for peer, (step, peer_latest, ref) in answer.items():
+            self.peer_latest[peer] = peer_latest
+            if peer in self.peers and self.peers[peer][1] >= step:
+                continue
+            try:
+                state = ray.get(ref[0], timeout=max(self.client.timeout_s, 10.0))
+            except Exception:  # the owner of the object died: keep the teacher we have
+                continue
+            model = self.peers[peer][0] if peer in self.peers else self.model_fn().to(self.device).eval()
+            model.load_state_dict(state)
+            model.requires_grad_(False)
+            self.peers[peer] = (model, step)
+            self.tally["bytes"] += sum(t.numel() * t.element_size() for t in state.values())
+
+    def teacher(self, x: torch.Tensor, step: int, device: torch.device):
+        if self.pending is not None and ray.wait([self.pending], timeout=0)[0]:
+            answer, self.pending = self.client.resolve(self.pending), None
+            self._load(answer or {})
+        if self.pending is None and (step % self.every == 0 or not self.peers):
+            self.pending = self.client.fetch_weights_async()
+        if not self.peers:
+            self.tally["misses"] += x.shape[0]
+            return None
+        ages = [self.peer_latest.get(p, s) - s for p, (_, s) in self.peers.items()]
+        self.tally["hits"] += x.shape[0]
+        self.tally["ages"].append(int(np.mean(ages)))
+        with torch.no_grad():
+            logits = torch.stack([m(x) for m, _ in self.peers.values()]).mean(0)
+        return logits, torch.ones(x.shape[0], dtype=torch.bool, device=device), np.asarray(ages)
+
+    def flush(self) -> None:
+        """Send the teacher counters kept since the last flush (the broker cannot see them)."""
+        t = self.tally
+        if t["hits"] or t["misses"] or t["bytes"]:
+            self.client.send("record_teacher", t["hits"], t["misses"], np.asarray(t["ages"], np.int64), t["bytes"])
+        self.tally = {"hits": 0, "misses": 0, "ages": [], "bytes": 0}
+
+    def publish_weights(self, step: int, model: torch.nn.Module) -> None:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        self.client.send("put_weights", step, [ray.put(state)], nbytes)
+
+    def publish(self, step: int, idx: torch.Tensor, logits: torch.Tensor) -> None:
+        pass  # weights mode publishes state dicts, see publish_weights
+
+
+class AllreduceCounter:
+    """A DDP comm hook that counts the bytes of the gradient buckets it all-reduces."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def hook(self, state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        self.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
+        return allreduce_hook(state, bucket)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ds, batch_size: int, device: torch.device, want_probs: bool = False):
+    """Accuracy and mean loss over a whole split (and the softmax outputs when asked)."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n, probs, labels = 0, 0.0, 0, [], []
+    for x, y, _ in eval_batches(ds, batch_size):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += y.numel()
+        if want_probs:
+            probs.append(logits.softmax(1).float().cpu())
+            labels.append(y.cpu())
+    model.train(was_training)
+    out = {"acc": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+    if want_probs:
+        out["probs"] = torch.cat(probs).numpy()
+        out["labels"] = torch.cat(labels).numpy()
+    return out
+
+
+def _save_checkpoint(step: int, model, optimizer, scheduler, metrics: dict, rank: int) -> None:
+    """Report metrics with a checkpoint (rank 0 writes it; every rank must call report)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            torch.save({"step": step, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+                       Path(tmp) / "state.pt")
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _restore(model, optimizer, scheduler) -> int:
+    """Resume from the worker group's latest checkpoint, if Ray Train restarted us with one."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as path:
+        state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+def _wait_for_peers(client: BrokerClient, replicas: int, timeout_s: float) -> None:
+    """Start together: worker groups come up seconds apart, and a replica that starts alone
+    trains its first steps with no teacher. Bounded, so a replica that never comes is no hang."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (client.call("replicas_up") or 0) < replicas:
+        time.sleep(0.2)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = ExperimentConfig.from_dict(loop_config["config"])
+    replica: int = loop_config["replica"]
+    splits = ray.get(loop_config["splits"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    seed = replica_seed(cfg.seed, replica)
+
+    # -- model, optimizer, data ------------------------------------------------------------------
+    torch.manual_seed(seed)  # the same init on every rank of a replica, another per replica
+    model_fn = lambda: build_model(cfg.model, splits.input_shape, splits.num_classes)  # noqa: E731
+    model = ray.train.torch.prepare_model(model_fn())
+    counter = AllreduceCounter()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.register_comm_hook(None, counter.hook)
+    optimizer, scheduler = build_optimizer(cfg.optim, model, cfg.steps)
+    start = _restore(model, optimizer, scheduler)
+    batches = train_batches(splits.train, cfg.batch_size, seed, rank, world, start_step=start,
+                            num_workers=cfg.data.num_workers)
+
+    client = BrokerClient(cfg.name, replica, cfg.codistill.fetch_timeout_s)
+    client.send("register_worker", rank, {"pid": os.getpid(), "host": socket.gethostname(),
+                                          "node_id": ray.get_runtime_context().get_node_id(),
+                                          "device": str(device)})
+    exchange = None
+    if cfg.distills:
+        _wait_for_peers(client, cfg.num_models, cfg.codistill.wait_for_peers_s)
+        exchange = (LogitsTeacher(client) if cfg.codistill.exchange == "logits" else
+                    WeightsTeacher(client, model_fn, cfg.codistill.exchange_every, device))
+    cc = cfg.codistill
+    alpha_of = (lambda s: alpha_at(s, cc.alpha, cc.burn_in, cc.ramp_steps)) if cfg.distills else (lambda s: 0.0)
+
+    # -- loop ------------------------------------------------------------------------------------
+    def new_window() -> dict:
+        return {"loss": 0.0, "ce": 0.0, "distill": 0.0, "ages": [], "hits": 0, "seen": 0, "n": 0, "time": 0.0}
+
+    win, started = new_window(), time.perf_counter()
+    batch = next(batches)
+    if exchange is not None and alpha_of(start) > 0:
+        exchange.request(batch[2])
+    model.train()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        x, y, idx = batch
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        batch = next(batches)
+        alpha = alpha_of(step)
+
+        teacher = exchange.teacher(x, step, device) if exchange is not None and alpha > 0 else None
+        if exchange is not None and alpha_of(step + 1) > 0:
+            exchange.request(batch[2])  # the next batch's teachers travel while this step computes
+
+        logits = model(x)
+        loss, ce, distill = codistill_loss(logits, y, teacher and teacher[0], teacher and teacher[1],
+                                           alpha, cc.distance, cc.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+
+        if exchange is not None:
+            exchange.publish(step, idx, logits)
+            if rank == 0 and isinstance(exchange, WeightsTeacher) and (step + 1) % cc.exchange_every == 0:
+                exchange.publish_weights(step + 1, unwrap(model))
+        win["time"] += time.perf_counter() - t0
+
+        win["n"] += 1
+        win["seen"] += y.numel()
+        win["loss"] += loss.item()
+        win["ce"] += ce.item()
+        win["distill"] += distill.item()
+        if teacher is not None:
+            win["hits"] += int(teacher[1].sum().item())
+            win["ages"].extend(np.asarray(teacher[2]).tolist())
+
+        done = step + 1
+        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
+        if done % cfg.log_every == 0 or is_eval:
+            if exchange is not None:
+                exchange.flush()
+            if rank == 0:
+                row = {"step": done, "train/loss": win["loss"] / win["n"], "train/ce": win["ce"] / win["n"],
+                       "train/distill": win["distill"] / win["n"], "distill/alpha": alpha,
+                       "distill/hit_rate": win["hits"] / win["seen"] if exchange is not None else None,
+                       "distill/teacher_age": float(np.mean(win["ages"])) if win["ages"] else None,
+                       # evaluation time stays out of throughput
+                       "perf/samples_per_s": win["seen"] * world / win["time"],
+                       "comm/allreduce_bytes": counter.bytes * world,
+                       "lr": scheduler.get_last_lr()[0], "time_s": time.perf_counter() - started}
+                if is_eval:
+                    val = evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
+                    row["val/acc"], row["val/loss"] = val["acc"], val["loss"]
+                client.send("log", [row])
+            win = new_window()
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
+            _save_checkpoint(done, model, optimizer, scheduler, {"step": done}, rank)
+
+    # -- final figures: validation for selection, test for the record ------------------------------
+    result = {"replica": replica, "steps": cfg.steps}
+    if rank == 0:
+        val = evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
+        test = evaluate(unwrap(model), splits.test, cfg.eval_batch_size, device, want_probs=True)
+        result.update(val_acc=val["acc"], val_loss=val["loss"], test_acc=test["acc"], test_loss=test["loss"],
+                      allreduce_bytes=counter.bytes * world)
+        client.call("finish", result, test["probs"], test["labels"])
+    _save_checkpoint(cfg.steps, model, optimizer, scheduler, {"step": cfg.steps, **result}, rank)

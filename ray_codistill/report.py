@@ -1,0 +1,288 @@
+"""Tables and plots from result folders: what `ray-codistill report DIR...` prints and draws.
+
+An experiment folder, as the launcher writes it, holds `summary.json` (final accuracies, wall time,
+bytes exchanged, config, versions, git revision) and `metrics.parquet` (a tidy per-step table:
+experiment, method, replica, seed, step, then one column per metric, NaN where not measured).
+This module finds such folders, loads them into pandas, aggregates over seeds (mean ± sample std,
+the airbench discipline) and draws learning curves. It reads results only; it never starts Ray.
+
+matplotlib is imported inside `plot_curves` so that importing this module (and starting the CLI)
+stays fast and free of side effects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+METHOD_ORDER = ("codistill", "independent", "allreduce")
+SUMMARY = "summary.json"
+METRICS = "metrics.parquet"
+META_COLUMNS = ("experiment", "method", "replica", "seed", "step")
+DASH = "–"  # en dash: "not applicable", e.g. the ensemble of a single model
+
+
+class ReportError(ValueError):
+    """No result to report, or a result folder that cannot be read."""
+
+
+# --- finding and loading -----------------------------------------------------------------------
+
+
+def find_experiments(paths: Sequence[str | Path] | str | Path) -> list[Path]:
+    """Experiment folders (those holding `summary.json`) at, or one or two levels below, `paths`.
+
+    A path may be an experiment folder itself, or a storage folder of experiments, or a folder of
+    such storage folders (e.g. one per sweep). Returned sorted and without duplicates.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    found: set[Path] = set()
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise ReportError(f"{p}: no such file or directory")
+        if (p / SUMMARY).is_file():
+            found.add(p)
+            continue
+        for pattern in (f"*/{SUMMARY}", f"*/*/{SUMMARY}"):
+            found.update(s.parent for s in p.glob(pattern) if s.is_file())
+    if not found:
+        shown = ", ".join(str(p) for p in paths) or "(no path given)"
+        raise ReportError(
+            f"no experiment found in {shown}: expected folders containing {SUMMARY} "
+            f"at the given path or one or two levels below it"
+        )
+    return sorted(found)
+
+
+def _read_summary(path: Path) -> dict:
+    try:
+        return json.loads((path / SUMMARY).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path / SUMMARY}: cannot read: {e}") from e
+
+
+def _float_or_nan(x) -> float:
+    return math.nan if x is None else float(x)
+
+
+def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per experiment, from each folder's `summary.json`.
+
+    Columns: experiment, method, seed, num_models, test_acc (the replicas' mean test accuracy),
+    ensemble_test_acc (NaN for a single model), best_replica_acc, wall_time_s, bytes_exchanged,
+    allreduce_bytes, group (the method: rows are aggregated per group).
+    """
+    rows = []
+    for d in dirs:
+        s = _read_summary(Path(d))
+        replicas = s.get("replicas") or []
+        replica_accs = [float(r["test_acc"]) for r in replicas if r.get("test_acc") is not None]
+        rows.append(
+            {
+                "experiment": s.get("experiment", Path(d).name),
+                "method": s["method"],
+                "seed": s.get("seed"),
+                "num_models": s.get("num_models", len(replicas) or 1),
+                "test_acc": _float_or_nan(s.get("test_acc_mean")),
+                "ensemble_test_acc": _float_or_nan(s.get("ensemble_test_acc")),
+                "best_replica_acc": max(replica_accs) if replica_accs else math.nan,
+                "wall_time_s": _float_or_nan(s.get("wall_time_s")),
+                "bytes_exchanged": s.get("bytes_exchanged", 0),
+                "allreduce_bytes": s.get("allreduce_bytes", 0),
+                "group": s["method"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def load_metrics(dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """All `metrics.parquet` tables stacked; folders without one are skipped.
+
+    Metric columns missing from some experiments come out as NaN, as in each tidy table.
+    """
+    frames = [
+        pd.read_parquet(Path(d) / METRICS, engine="pyarrow")
+        for d in dirs
+        if (Path(d) / METRICS).is_file()
+    ]
+    if not frames:
+        return pd.DataFrame(columns=list(META_COLUMNS))
+    return pd.concat(frames, ignore_index=True, sort=False)
+
+
+# --- the comparison table ----------------------------------------------------------------------
+
+
+def _method_rank(method: str) -> tuple[int, str]:
+    # Known methods in a fixed order so tables from different runs line up; others after, by name.
+    if method in METHOD_ORDER:
+        return (METHOD_ORDER.index(method), "")
+    return (len(METHOD_ORDER), method)
+
+
+def _pct_mean_std(values: pd.Series) -> str:
+    v = values.dropna().astype(float) * 100.0
+    if v.empty:
+        return DASH
+    if len(v) == 1:
+        return f"{v.iloc[0]:.1f}"
+    # Sample std (ddof=1): the seeds are a sample of the seeds one could have run.
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in decimal units, one decimal: 1_234_567 -> "1.2 MB"."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return DASH
+    n = float(n)
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB", "PB"):
+        n /= 1000.0
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
+    """One row per method (codistill, independent, allreduce, then others), cells as strings.
+
+    Columns: method, seeds (experiments aggregated), test acc and ensemble acc (percent, mean ± std
+    over seeds; one seed shows the value alone; "–" for single-model methods), wall time (s),
+    bytes exchanged and all-reduce bytes (means, human readable).
+    """
+    columns = [
+        "method",
+        "seeds",
+        "test acc",
+        "ensemble acc",
+        "wall time (s)",
+        "bytes exchanged",
+        "all-reduce bytes",
+    ]
+    if summaries.empty:
+        return pd.DataFrame(columns=columns)
+    key = "group" if "group" in summaries.columns else "method"
+    rows = []
+    for method in sorted(summaries[key].unique(), key=_method_rank):
+        g = summaries[summaries[key] == method]
+        single_model = (g["num_models"] == 1).all()
+        wall = g["wall_time_s"].astype(float).mean()
+        rows.append(
+            {
+                "method": method,
+                "seeds": len(g),
+                "test acc": _pct_mean_std(g["test_acc"]),
+                "ensemble acc": DASH if single_model else _pct_mean_std(g["ensemble_test_acc"]),
+                "wall time (s)": DASH if math.isnan(wall) else f"{wall:.0f}",
+                "bytes exchanged": human_bytes(g["bytes_exchanged"].astype(float).mean()),
+                "all-reduce bytes": human_bytes(g["allreduce_bytes"].astype(float).mean()),
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub markdown table: header, alignment row, one line per row (no `tabulate` needed)."""
+
+    def cell(x) -> str:
+        # A bare "|" would split the cell; newlines would end the row.
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    header = [cell(c) for c in table.columns]
+    # Text columns left-aligned, numeric ones right-aligned, as a reader scans them.
+    align = [
+        "---:" if pd.api.types.is_numeric_dtype(table[c]) else "---" for c in table.columns
+    ]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(cell(x) for x in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+
+def _plot_metric(metrics: pd.DataFrame, column: str, ylabel: str, path: Path, log_y: bool) -> None:
+    data = metrics.loc[metrics[column].notna(), :]
+    # The object-oriented API with an Agg canvas: no pyplot, so no global backend switch and no
+    # figure left open in the caller's process (a notebook keeps its own backend).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    methods = sorted(data["method"].astype(str).unique(), key=_method_rank)
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    # One line per (experiment, replica); experiment is unique per (method, seed) in a comparison,
+    # and keeps two configs of the same method and seed from being joined into one zigzag line.
+    keys = [k for k in ("experiment", "seed", "replica") if k in data.columns]
+    for method in methods:  # in table order, so the legend reads like the table
+        of_method = data[data["method"].astype(str) == method]
+        groups = of_method.groupby(keys, sort=True, dropna=False) if keys else [(None, of_method)]
+        for i, (_, g) in enumerate(groups):
+            g = g.sort_values("step")
+            ax.plot(
+                g["step"],
+                g[column],
+                color=colors[method],
+                alpha=0.8,
+                linewidth=1.2,
+                label=method if i == 0 else None,  # one legend entry per method
+            )
+    if log_y and (data[column] > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="method")
+    fig.savefig(path, dpi=120)
+
+
+def plot_curves(metrics: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Write `val_acc.png` and `train_loss.png` into `out_dir`; return the paths written.
+
+    One line per replica of each experiment, one colour per method. A plot whose metric is
+    missing or all NaN is skipped.
+    """
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    if metrics.empty or "step" not in metrics.columns:
+        return written
+    specs = [
+        ("val/acc", "validation accuracy", "val_acc.png", False),
+        ("train/loss", "train loss", "train_loss.png", True),
+    ]
+    for column, ylabel, name, log_y in specs:
+        if column not in metrics.columns or metrics[column].isna().all():
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / name
+        _plot_metric(metrics, column, ylabel, path, log_y)
+        written.append(path)
+    return written
+
+
+# --- all together ------------------------------------------------------------------------------
+
+
+def report(
+    paths: Sequence[str | Path] | str | Path, out_dir: str | Path | None = None
+) -> tuple[str, list[Path]]:
+    """Markdown comparison table and learning-curve PNGs for the experiments under `paths`.
+
+    PNGs go to `out_dir`, by default the first path given.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    dirs = find_experiments(paths)
+    markdown = to_markdown(comparison_table(load_summaries(dirs)))
+    pngs = plot_curves(load_metrics(dirs), Path(out_dir) if out_dir is not None else Path(paths[0]))
+    return markdown, pngs
