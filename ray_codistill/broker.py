@@ -93,17 +93,17 @@ class Broker:
         self._final: dict[int, dict] = {}
 
     # -- logits exchange ------------------------------------------------------------------------
-    def publish(self, replica: int, step: int, indices: np.ndarray, logits: np.ndarray) -> None:
-        """Store a batch's logits; fire-and-forget from the worker."""
+    def publish(self, replica: int, step: int | np.ndarray, indices: np.ndarray, logits: np.ndarray) -> None:
+        """Store logits of samples (one or several batches; `step` per sample or for all)."""
         store = self._logits[replica]
         if store is None:
             store = self._logits[replica] = np.zeros((self.num_train, logits.shape[1]), dtype=np.float16)
         store[indices] = logits
         self._sample_step[replica][indices] = step
-        self.latest_step[replica] = max(self.latest_step[replica], step)
+        self.latest_step[replica] = max(self.latest_step[replica], int(np.max(step)))
         c = self.counters[replica]
         c.publications += 1
-        c.bytes_in += indices.nbytes + logits.nbytes
+        c.bytes_in += indices.nbytes + logits.nbytes + np.asarray(step).nbytes
 
     def fetch(self, replica: int, indices: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """Mean peer logits for `indices`, a mask of samples that have a teacher, and its age.
@@ -172,7 +172,7 @@ class Broker:
     def register_worker(self, replica: int, rank: int, info: dict) -> None:
         self._workers.setdefault(replica, {})[rank] = info
 
-    def replicas_up(self) -> int:
+    def replicas_up(self, replica: int) -> int:
         """How many replicas have a registered worker (the start rendezvous polls this)."""
         return len(self._workers)
 

@@ -109,6 +109,7 @@ class CodistillConfig:
     temperature: float = 1.0  # kl only: softmax temperature; the term is scaled by T^2
     exchange: Literal["logits", "weights"] = "logits"
     exchange_every: int = 50  # weights mode: steps between publications of a replica's weights
+    exchange_batches: int = 8  # logits mode: batches fetched / published per broker call
     max_staleness: int | None = None  # logits mode: drop teachers older than this many teacher steps
     fetch_timeout_s: float = 1.0  # a broker answer later than this means "no teacher this step"
     wait_for_peers_s: float = 120.0  # at start, wait up to this long for every replica to be up (0: don't)
@@ -121,6 +122,8 @@ class CodistillConfig:
         _choice(self.exchange, "codistill.exchange", ("logits", "weights"))
         _check(self.temperature > 0, "codistill.temperature", f"got {self.temperature}, must be > 0")
         _check(self.exchange_every >= 1, "codistill.exchange_every", f"got {self.exchange_every}, must be >= 1")
+        _check(self.exchange_batches >= 1, "codistill.exchange_batches",
+               f"got {self.exchange_batches}, must be >= 1")
         _check(self.max_staleness is None or self.max_staleness >= 0, "codistill.max_staleness",
                f"got {self.max_staleness}, must be >= 0 or null (no limit)")
         _check(self.wait_for_peers_s >= 0, "codistill.wait_for_peers_s",
@@ -244,6 +247,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         _check(isinstance(value, int) and not isinstance(value, bool), key, f"got {value!r}, expected an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"got {value!r}, expected a number")
         return float(value)
     if hint is str:

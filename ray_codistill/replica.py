@@ -7,10 +7,12 @@ through the broker (teacher material, metric rows); inside a replica, DDP synchr
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -37,29 +39,83 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+class Lookahead:
+    """An iterator of batches that can show the next ones without consuming them."""
+
+    def __init__(self, it) -> None:
+        self.it, self.buffer = it, deque()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.buffer.popleft() if self.buffer else next(self.it)
+
+    def peek(self, n: int) -> list:
+        while len(self.buffer) < n:
+            self.buffer.append(next(self.it))
+        return list(itertools.islice(self.buffer, n))
+
+
 class LogitsTeacher:
-    """Peers' stored logits of this batch's samples, fetched one step ahead from the broker."""
+    """Peers' stored logits for our batches, `chunk` batches per broker call, one chunk ahead.
 
-    def __init__(self, client: BrokerClient) -> None:
-        self.client = client
+    While the steps of one chunk train, the teachers of the next chunk are in flight, so a step
+    never waits on the broker; our own logits are sent `chunk` batches at a time, fire-and-forget.
+    Fewer, larger calls keep Ray's per-call cost off the training step.
+    """
+
+    def __init__(self, client: BrokerClient, chunk: int) -> None:
+        self.client, self.chunk = client, chunk
+        self.cache: dict[int, tuple] = {}  # step -> (logits, mask, ages) of teachers received
+        self.pending = None  # (first step, batch sizes, ref) of the chunk in flight
+        self.next_step: int | None = None  # first step whose teachers were not asked for yet
+        self.outbox: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def _receive(self) -> None:
+        first, sizes, ref = self.pending
         self.pending = None
-
-    def request(self, idx: torch.Tensor) -> None:
-        self.pending = self.client.fetch_async(idx.numpy())
-
-    def teacher(self, x: torch.Tensor, step: int, device: torch.device):
-        answer, self.pending = self.client.resolve(self.pending), None
+        answer = self.client.resolve(ref)
         if answer is None or answer[0] is None:
-            return None
+            return  # broker late or gone, or no peer has published yet: these steps go without
         logits, mask, age = answer
+        bounds = np.cumsum([0, *sizes])
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            self.cache[first + i] = (logits[lo:hi], mask[lo:hi], age[lo:hi])
+
+    def _request(self, step: int, upcoming: Lookahead) -> None:
+        if self.next_step is None or self.next_step <= step:
+            self.next_step = step + 1
+        offset = self.next_step - (step + 1)  # `upcoming` starts at step + 1
+        idx = [b[2].numpy() for b in upcoming.peek(offset + self.chunk)[offset:]]
+        self.pending = (self.next_step, [len(i) for i in idx], self.client.fetch_async(np.concatenate(idx)))
+        self.next_step += self.chunk
+
+    def teacher(self, x: torch.Tensor, step: int, device: torch.device, upcoming: Lookahead):
+        if not self.cache or max(self.cache) <= step:
+            if self.pending is not None:
+                self._receive()
+            self._request(step, upcoming)
+        found = self.cache.pop(step, None)
+        for old in [s for s in self.cache if s < step]:
+            del self.cache[old]
+        if found is None:
+            return None
+        logits, mask, age = found
         # torch.tensor copies: arrays from Ray's object store are read-only
         return torch.tensor(logits, device=device), torch.tensor(mask, device=device), age[mask]
 
     def publish(self, step: int, idx: torch.Tensor, logits: torch.Tensor) -> None:
-        self.client.publish(step, idx.numpy(), logits.detach().to("cpu", torch.float16).numpy())
+        self.outbox.append((step, idx.numpy(), logits.detach().to("cpu", torch.float16).numpy()))
+        if len(self.outbox) >= self.chunk:
+            self.flush()
 
     def flush(self) -> None:
-        pass  # the broker counts logits exchanges itself
+        if self.outbox:
+            steps = np.concatenate([np.full(len(i), s) for s, i, _ in self.outbox])
+            self.client.publish(steps, np.concatenate([i for _, i, _ in self.outbox]),
+                                np.concatenate([z for _, _, z in self.outbox]))
+            self.outbox = []
 
 
 class WeightsTeacher:
@@ -76,9 +132,6 @@ class WeightsTeacher:
         self.pending = None
         self.tally = {"hits": 0, "misses": 0, "ages": [], "bytes": 0}
 
-    def request(self, idx: torch.Tensor) -> None:
-        pass  # weights are polled every `every` steps, not per batch
-
     def _load(self, answer: dict) -> None:
         for peer, (step, peer_latest, ref) in answer.items():
             self.peer_latest[peer] = peer_latest
@@ -94,7 +147,7 @@ class WeightsTeacher:
             self.peers[peer] = (model, step)
             self.tally["bytes"] += sum(t.numel() * t.element_size() for t in state.values())
 
-    def teacher(self, x: torch.Tensor, step: int, device: torch.device):
+    def teacher(self, x: torch.Tensor, step: int, device: torch.device, upcoming: Lookahead):
         if self.pending is not None and ray.wait([self.pending], timeout=0)[0]:
             answer, self.pending = self.client.resolve(self.pending), None
             self._load(answer or {})
@@ -192,7 +245,7 @@ def _wait_for_peers(client: BrokerClient, replicas: int, timeout_s: float) -> No
     trains its first steps with no teacher. Bounded, so a replica that never comes is no hang."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and (client.call("replicas_up") or 0) < replicas:
-        time.sleep(0.2)
+        time.sleep(0.01)  # cheap call; a coarse poll would let one replica start alone
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -213,8 +266,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.register_comm_hook(None, counter.hook)
     optimizer, scheduler = build_optimizer(cfg.optim, model, cfg.steps)
     start = _restore(model, optimizer, scheduler)
-    batches = train_batches(splits.train, cfg.batch_size, seed, rank, world, start_step=start,
-                            num_workers=cfg.data.num_workers)
+    batches = Lookahead(train_batches(splits.train, cfg.batch_size, seed, rank, world, start_step=start,
+                            num_workers=cfg.data.num_workers))
 
     client = BrokerClient(cfg.name, replica, cfg.codistill.fetch_timeout_s)
     client.send("register_worker", rank, {"pid": os.getpid(), "host": socket.gethostname(),
@@ -223,7 +276,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     exchange = None
     if cfg.distills:
         _wait_for_peers(client, cfg.num_models, cfg.codistill.wait_for_peers_s)
-        exchange = (LogitsTeacher(client) if cfg.codistill.exchange == "logits" else
+        exchange = (LogitsTeacher(client, cfg.codistill.exchange_batches) if cfg.codistill.exchange == "logits" else
                     WeightsTeacher(client, model_fn, cfg.codistill.exchange_every, device))
     cc = cfg.codistill
     alpha_of = (lambda s: alpha_at(s, cc.alpha, cc.burn_in, cc.ramp_steps)) if cfg.distills else (lambda s: 0.0)
@@ -233,20 +286,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return {"loss": 0.0, "ce": 0.0, "distill": 0.0, "ages": [], "hits": 0, "seen": 0, "n": 0, "time": 0.0}
 
     win, started = new_window(), time.perf_counter()
-    batch = next(batches)
-    if exchange is not None and alpha_of(start) > 0:
-        exchange.request(batch[2])
     model.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        x, y, idx = batch
+        x, y, idx = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        batch = next(batches)
         alpha = alpha_of(step)
-
-        teacher = exchange.teacher(x, step, device) if exchange is not None and alpha > 0 else None
-        if exchange is not None and alpha_of(step + 1) > 0:
-            exchange.request(batch[2])  # the next batch's teachers travel while this step computes
+        teacher = exchange.teacher(x, step, device, batches) if exchange is not None and alpha > 0 else None
 
         logits = model(x)
         loss, ce, distill = codistill_loss(logits, y, teacher and teacher[0], teacher and teacher[1],
@@ -292,6 +338,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             win = new_window()
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
             _save_checkpoint(done, model, optimizer, scheduler, {"step": done}, rank)
+
+    if exchange is not None:
+        exchange.flush()
 
     # -- final figures: validation for selection, test for the record ------------------------------
     result = {"replica": replica, "steps": cfg.steps}

@@ -1,0 +1,95 @@
+"""The broker actor, for real: logits store and fetch, staleness, weights, counters, rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import ray
+
+from ray_codistill.broker import BrokerClient, get_broker, start_broker
+
+
+@pytest.fixture
+def broker(ray_cluster, request):
+    name = f"test-broker-{request.node.name}".replace("[", "-").replace("]", "")
+    replicas = getattr(request, "param", 2)
+    handle = start_broker(name, replicas, num_train=100, max_staleness=5)
+    yield name, handle
+    ray.kill(handle)
+
+
+def _logits(value: float, n: int = 4, classes: int = 3) -> np.ndarray:
+    return np.full((n, classes), value, dtype=np.float16)
+
+
+def test_fetch_before_any_publication_has_no_teacher(broker):
+    _, b = broker
+    teacher, mask, age = ray.get(b.fetch.remote(0, np.arange(4)))
+    assert teacher is None and not mask.any() and (age == -1).all()
+    assert ray.get(b.stats.remote())["replicas"][0]["misses"] == 4
+
+
+def test_peer_logits_are_served_with_mask_and_age(broker):
+    _, b = broker
+    idx = np.array([3, 7, 11, 50])
+    ray.get(b.publish.remote(1, 10, idx[:2], _logits(2.0, n=2)))  # samples 3, 7 at peer step 10
+    ray.get(b.publish.remote(1, 12, idx[2:3], _logits(4.0, n=1)))  # sample 11 at peer step 12
+    teacher, mask, age = ray.get(b.fetch.remote(0, idx))
+    assert mask.tolist() == [True, True, True, False]
+    np.testing.assert_array_equal(teacher[:3, 0], [2.0, 2.0, 4.0])
+    assert teacher.dtype == np.float16
+    assert age.tolist() == [2, 2, 0, -1]  # counted in the teacher's own steps: 12 - 10
+    # a replica is never its own teacher
+    _, own_mask, _ = ray.get(b.fetch.remote(1, idx))
+    assert not own_mask.any()
+    s = ray.get(b.stats.remote())["replicas"]
+    assert (s[0]["hits"], s[0]["misses"], s[0]["age_max"]) == (3, 1, 2)
+    assert s[1]["publications"] == 2 and s[1]["bytes_in"] > 0 and s[0]["bytes_out"] > 0
+
+
+def test_max_staleness_drops_old_teachers(broker):
+    _, b = broker  # max_staleness=5
+    ray.get(b.publish.remote(1, 1, np.array([0]), _logits(1.0, n=1)))
+    ray.get(b.publish.remote(1, 9, np.array([1]), _logits(1.0, n=1)))
+    _, mask, age = ray.get(b.fetch.remote(0, np.array([0, 1])))
+    assert mask.tolist() == [False, True] and age.tolist() == [-1, 0]
+
+
+@pytest.mark.parametrize("broker", [3], indirect=True)
+def test_teacher_is_the_mean_over_peers_that_have_the_sample(broker):
+    _, b = broker
+    ray.get(b.publish.remote(1, 4, np.array([0, 1]), np.array([[1, 0], [1, 0]], dtype=np.float16)))
+    ray.get(b.publish.remote(2, 4, np.array([0]), np.array([[3, 2]], dtype=np.float16)))
+    teacher, mask, _ = ray.get(b.fetch.remote(0, np.array([0, 1])))
+    np.testing.assert_array_equal(teacher, [[2, 1], [1, 0]])  # sample 1 only has peer 1
+    assert mask.all()
+
+
+def test_weights_keep_only_the_newest_reference(broker):
+    _, b = broker
+    for step in (50, 100):
+        ref = ray.put({"w": np.full(3, step)})
+        ray.get(b.put_weights.remote(0, step, [ref], 24))
+    assert ray.get(b.get_weights.remote(0)) == {}  # not its own
+    (peer, (step, latest, ref)), = ray.get(b.get_weights.remote(1)).items()
+    assert (peer, step, latest) == (0, 100, 100)
+    assert ray.get(ref[0])["w"].tolist() == [100, 100, 100]
+
+
+def test_rows_get_the_replica_and_its_bytes(broker):
+    _, b = broker
+    ray.get(b.publish.remote(0, 0, np.arange(4), _logits(0.0)))
+    ray.get(b.log.remote(0, [{"step": 10, "train/loss": 1.0}]))
+    row, = ray.get(b.rows.remote())
+    assert row["replica"] == 0 and row["comm/bytes"] == 4 * 8 + 4 * 3 * 2 + 8  # indices, fp16 logits, step
+    assert ray.get(b.progress.remote())[0]["step"] == 10
+
+
+def test_client_finds_the_broker_by_name_and_survives_its_loss(broker):
+    name, b = broker
+    assert get_broker(name)._actor_id == b._actor_id
+    client = BrokerClient(name, replica=0, timeout_s=0.5)
+    assert client.call("replicas_up") == 0
+    ray.kill(b)
+    assert client.resolve(client.fetch_async(np.arange(3))) is None  # a miss, not a crash
+    assert client.errors >= 1

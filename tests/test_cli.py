@@ -1,0 +1,45 @@
+"""The `ray-codistill` command as a user runs it: exit codes and messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONFIGS, ROOT
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray_codistill.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("codistill.distance=l1", "codistill.distance"),
+    ("no_such_key=1", "no_such_key"),
+    ("optim.lr=-1", "optim.lr"),
+])
+def test_bad_config_exits_2_naming_the_key(override, key, tmp_path):
+    out = _cli("run", str(CONFIGS / "smoke.yaml"), "--set", override, "--storage", str(tmp_path))
+    assert out.returncode == 2, out.stderr
+    assert f"config error: {key}:" in out.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_missing_data_root_is_a_config_error(tmp_path):
+    out = _cli("run", str(CONFIGS / "smoke.yaml"), "--storage", str(tmp_path), "--set", "data.name=imagefolder",
+               "--set", f"data.root={tmp_path / 'no-images'}")
+    assert out.returncode == 2 and "data.root" in out.stderr
+
+
+def test_unwritable_storage_is_a_config_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    out = _cli("run", str(CONFIGS / "smoke.yaml"), "--storage", str(blocker / "results"))
+    assert out.returncode == 2 and "storage_path" in out.stderr
+
+
+def test_report_of_nothing_fails_clearly(tmp_path):
+    out = _cli("report", str(tmp_path))
+    assert out.returncode == 1 and "error" in out.stderr

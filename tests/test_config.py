@@ -1,0 +1,88 @@
+"""Config: presets load, overrides are typed, every invalid value is refused by key."""
+
+from __future__ import annotations
+
+import pytest
+
+from ray_codistill.config import ConfigError, ExperimentConfig, load_config, parse_override
+
+from conftest import CONFIGS
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_presets_load(preset):
+    cfg = load_config(CONFIGS / preset)
+    assert cfg.name and cfg.steps > 0
+
+
+def test_overrides_are_typed():
+    cfg = load_config(CONFIGS / "smoke.yaml", ["codistill.alpha=0.25", "use_gpu=true", "optim.schedule=step",
+                                               "optim.milestones=[10, 20]", "codistill.max_staleness=null"])
+    assert cfg.codistill.alpha == 0.25 and cfg.use_gpu is True
+    assert cfg.optim.milestones == [10, 20] and cfg.codistill.max_staleness is None
+    assert parse_override("steps=5") == ("steps", 5)
+
+
+def test_fields_override_yaml_and_replace_revalidates():
+    cfg = load_config(CONFIGS / "smoke.yaml", name="other", storage_path="/tmp/x")
+    assert (cfg.name, cfg.storage_path) == ("other", "/tmp/x")
+    assert cfg.replace(method="allreduce").num_models == 1
+    assert cfg.replace(method="allreduce").workers_per_model == 2
+    with pytest.raises(ConfigError, match="replicas"):
+        cfg.replace(replicas=1)
+
+
+def test_independent_never_distills():
+    cfg = ExperimentConfig(method="independent")
+    assert cfg.codistill.alpha > 0 and not cfg.distills
+
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ("method=sync", "method", "codistill, allreduce, independent"),
+    ("optim.name=rmsprop", "optim.name", "sgd, adam"),
+    ("optim.schedule=linear", "optim.schedule", "constant, cosine, step"),
+    ("codistill.distance=l1", "codistill.distance", "kl, mse"),
+    ("codistill.exchange=grads", "codistill.exchange", "logits, weights"),
+    ("data.name=imagenet", "data.name", "mnist1d, synthetic, imagefolder, cifar10"),
+    ("replicas=1", "replicas", "codistill needs >= 2"),
+    ("steps=0", "steps", ">= 1"),
+    ("batch_size=-3", "batch_size", ">= 1"),
+    ("cpus_per_worker=0", "cpus_per_worker", "> 0"),
+    ("optim.lr=0", "optim.lr", "> 0"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay", ">= 0"),
+    ("optim.weight_decay=much", "optim.weight_decay", "a number"),
+    ("optim.momentum=1.5", "optim.momentum", "[0, 1)"),
+    ("optim.schedule=step", "optim.milestones", "required"),
+    ("optim.milestones=[20, 10]", "optim.milestones", "increasing"),
+    ("data.val_fraction=1.5", "data.val_fraction", "(0, 1)"),
+    ("data.name=cifar10", "data.root", "required"),
+    ("codistill.alpha=-1", "codistill.alpha", ">= 0"),
+    ("codistill.temperature=0", "codistill.temperature", "> 0"),
+    ("codistill.exchange_every=0", "codistill.exchange_every", ">= 1"),
+    ("codistill.max_staleness=-1", "codistill.max_staleness", ">= 0"),
+    ("use_gpu=3", "use_gpu", "true or false"),
+    ("steps=ten", "steps", "an integer"),
+    ("name=a/b", "name", "letters"),
+    ("bogus=1", "bogus", "unknown key"),
+    ("optim.betas=1", "optim.betas", "unknown key"),
+    ("nosection.key=1", "nosection", "unknown key"),
+])
+def test_invalid_values_name_the_key(override, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "smoke.yaml", [override])
+    assert str(err.value).startswith(key + ":"), str(err.value)
+    assert allowed in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_exponent_without_dot_is_a_float():
+    # YAML 1.1 reads 1e-4 as a string; weight decays are written that way
+    assert load_config(CONFIGS / "smoke.yaml", ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4

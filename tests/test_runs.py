@@ -1,0 +1,114 @@
+"""Whole experiments on a real local Ray: real TorchTrainers, a real broker, the smoke preset.
+
+One comparison (codistill, independent, allreduce; seed 0) is run once for the module and each
+test reads what it wrote, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from ray_codistill import launcher
+from ray_codistill.compare import compare
+from ray_codistill.config import load_config
+from ray_codistill.report import report
+
+from conftest import CONFIGS
+
+
+@pytest.fixture(scope="module")
+def comparison(ray_cluster, tmp_path_factory):
+    cfg = load_config(CONFIGS / "smoke.yaml", storage_path=str(tmp_path_factory.mktemp("runs")))
+    table, folder = compare(cfg, seeds=[0], methods=["codistill", "independent", "allreduce"])
+    return table, folder
+
+
+def _read(folder, method):
+    exp = folder / f"smoke-{method}-s0"
+    return json.loads((exp / "summary.json").read_text()), pd.read_parquet(exp / "metrics.parquet")
+
+
+def cfg_chunk() -> int:
+    return load_config(CONFIGS / "smoke.yaml").codistill.exchange_batches
+
+
+def _assert_learns(metrics: pd.DataFrame, replicas: int, steps: int) -> None:
+    assert sorted(metrics["replica"].unique()) == list(range(replicas))
+    for _, rows in metrics.groupby("replica"):
+        rows = rows.sort_values("step")
+        assert rows["step"].iloc[-1] == steps
+        assert rows["step"].is_unique  # no duplicated steps
+        assert rows["train/loss"].iloc[-1] < rows["train/loss"].iloc[0]  # the loss goes down
+        assert rows["val/acc"].dropna().iloc[-1] > 0.5  # 4 classes: chance is 0.25
+
+
+def test_codistill_logits_serves_teachers_and_learns(comparison):
+    _, folder = comparison
+    summary, metrics = _read(folder, "codistill")
+    assert summary["status"] == "finished" and summary["num_models"] == 2
+    _assert_learns(metrics, replicas=2, steps=200)
+    assert list(metrics.columns[:5]) == ["experiment", "method", "replica", "seed", "step"]
+    for r in ("0", "1"):
+        counters = summary["broker"][r]
+        assert counters["hits"] > 0.5 * (counters["hits"] + counters["misses"])
+        assert counters["publications"] >= 200 // cfg_chunk()
+        assert counters["age_p50"] is not None and counters["age_max"] >= counters["age_p50"] >= 0
+    after_burn_in = metrics[metrics["step"] > 40]
+    assert (after_burn_in.groupby("replica")["train/distill"].mean() > 0).all()
+    assert (after_burn_in.groupby("replica")["distill/teacher_age"].count() > 0).all()
+    assert summary["bytes_exchanged"] > 0 and summary["allreduce_bytes"] == 0
+    assert 0 <= summary["ensemble_test_acc"] <= 1
+    assert summary["config"]["method"] == "codistill" and summary["versions"]["ray"]
+
+
+def test_independent_trains_replicas_without_exchange(comparison):
+    _, folder = comparison
+    summary, metrics = _read(folder, "independent")
+    _assert_learns(metrics, replicas=2, steps=200)
+    assert (metrics["train/distill"] == 0).all()
+    assert summary["bytes_exchanged"] == 0
+    assert all(c["publications"] == 0 for c in summary["broker"].values())
+
+
+def test_allreduce_is_one_model_on_all_workers(comparison):
+    _, folder = comparison
+    summary, metrics = _read(folder, "allreduce")
+    _assert_learns(metrics, replicas=1, steps=200)
+    assert summary["num_models"] == 1 and summary["ensemble_test_acc"] is None
+    # DDP reduced the gradient buckets: at least every parameter's bytes, every step
+    from ray_codistill.data import load_splits
+    from ray_codistill.models import build_model, count_parameters
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    splits = load_splits(cfg.data)
+    params = count_parameters(build_model(cfg.model, splits.input_shape, splits.num_classes))
+    assert summary["allreduce_bytes"] >= 200 * 2 * params * 4
+
+
+def test_comparison_table_and_report(comparison, tmp_path):
+    table, folder = comparison
+    assert table.startswith("|") and len(table.strip().splitlines()) == 5  # header, rule, 3 methods
+    for method in ("codistill", "independent", "allreduce"):
+        assert method in table
+    assert len(pd.read_parquet(folder / "comparison.parquet")) == 3
+    text, plots = report([folder], tmp_path)
+    assert text.strip() == table.strip()
+    assert {p.name for p in plots} >= {"val_acc.png", "train_loss.png"}
+
+
+def test_codistill_weights_exchange(ray_cluster, smoke_config):
+    cfg = smoke_config.replace(**{"codistill.exchange": "weights", "codistill.exchange_every": 10,
+                                  "checkpoint_every": 100})
+    result = launcher.run(cfg)
+    summary = result.summary
+    metrics = pd.read_parquet(result.path / "metrics.parquet")
+    _assert_learns(metrics, replicas=2, steps=200)
+    for counters in summary["broker"].values():
+        assert counters["publications"] == 20  # every 10 of 200 steps
+        assert counters["hits"] > 0 and counters["bytes_out"] > 0
+        assert counters["age_p50"] is not None
+    assert (metrics[metrics["step"] > 40].groupby("replica")["train/distill"].mean() > 0).all()
+    # checkpoints went through Ray Train into the experiment folder
+    assert list((result.path / "train" / "smoke-r0").glob("checkpoint_*/state.pt"))
