@@ -165,9 +165,6 @@ class Broker:
         c.add_ages(np.asarray(ages, dtype=np.int64))
         c.bytes_out += bytes_out
 
-    def note_step(self, replica: int, step: int) -> None:
-        self.latest_step[replica] = max(self.latest_step[replica], step)
-
     # -- progress, history, results -------------------------------------------------------------
     def register_worker(self, replica: int, rank: int, info: dict) -> None:
         self._workers.setdefault(replica, {})[rank] = info
@@ -182,6 +179,8 @@ class Broker:
         for row in rows:
             row["comm/bytes"] = c.bytes_in + c.bytes_out
             row["replica"] = replica
+            # weights mode publishes rarely: rows keep the replica's newest step known for ages
+            self.latest_step[replica] = max(self.latest_step[replica], row["step"])
         self._rows.extend(rows)
         if rows:
             self._progress[replica] = {**self._progress.get(replica, {}), **{k: v for k, v in rows[-1].items()

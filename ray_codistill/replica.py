@@ -128,13 +128,15 @@ class WeightsTeacher:
     def __init__(self, client: BrokerClient, model_fn, every: int, device: torch.device) -> None:
         self.client, self.model_fn, self.every, self.device = client, model_fn, every, device
         self.peers: dict[int, tuple[torch.nn.Module, int]] = {}  # peer -> (model, weights step)
-        self.peer_latest: dict[int, int] = {}  # peer -> its newest step, as the broker last said
+        # peer -> how many steps the peer was ahead of us when the broker last answered; a teacher's
+        # age in the peer's own steps is then (our step + lead) - the step of its weights
+        self.lead: dict[int, int] = {}
         self.pending = None
         self.tally = {"hits": 0, "misses": 0, "ages": [], "bytes": 0}
 
-    def _load(self, answer: dict) -> None:
+    def _load(self, answer: dict, my_step: int) -> None:
         for peer, (step, peer_latest, ref) in answer.items():
-            self.peer_latest[peer] = peer_latest
+            self.lead[peer] = peer_latest - my_step
             if peer in self.peers and self.peers[peer][1] >= step:
                 continue
             try:
@@ -150,13 +152,13 @@ class WeightsTeacher:
     def teacher(self, x: torch.Tensor, step: int, device: torch.device, upcoming: Lookahead):
         if self.pending is not None and ray.wait([self.pending], timeout=0)[0]:
             answer, self.pending = self.client.resolve(self.pending), None
-            self._load(answer or {})
+            self._load(answer or {}, step)
         if self.pending is None and (step % self.every == 0 or not self.peers):
             self.pending = self.client.fetch_weights_async()
         if not self.peers:
             self.tally["misses"] += x.shape[0]
             return None
-        ages = [self.peer_latest.get(p, s) - s for p, (_, s) in self.peers.items()]
+        ages = [max(0, step + self.lead.get(p, 0) - s) for p, (_, s) in self.peers.items()]
         self.tally["hits"] += x.shape[0]
         self.tally["ages"].append(int(np.mean(ages)))
         with torch.no_grad():
@@ -244,8 +246,12 @@ def _wait_for_peers(client: BrokerClient, replicas: int, timeout_s: float) -> No
     """Start together: worker groups come up seconds apart, and a replica that starts alone
     trains its first steps with no teacher. Bounded, so a replica that never comes is no hang."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and (client.call("replicas_up") or 0) < replicas:
-        time.sleep(0.01)  # cheap call; a coarse poll would let one replica start alone
+    while time.monotonic() < deadline:
+        up = client.call("replicas_up")
+        if up is not None and up >= replicas:
+            return
+        # a short poll: a coarse one would let one replica start alone; back off if the broker fails
+        time.sleep(0.01 if up is not None else 1.0)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
