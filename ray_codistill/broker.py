@@ -22,7 +22,10 @@ from typing import Any
 import numpy as np
 import ray
 
+from ray_codistill.divergence import ProbeRounds
+
 NAMESPACE = "ray_codistill"
+STATS_SCHEMA = "ray_codistill.stats/1"
 AGE_WINDOW = 65536  # recent teacher ages kept per replica for the percentiles
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,12 @@ class _Counters:
         self.bytes_in = 0
         self.bytes_out = 0
         self.age_max = 0
+        self.rejected: dict[str, int] = {}  # reason -> count
         self._ages = np.zeros(AGE_WINDOW, dtype=np.int64)
         self._n_ages = 0
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def add_ages(self, ages: np.ndarray) -> None:
         if ages.size == 0:
@@ -66,16 +73,53 @@ class _Counters:
             "hits": self.hits, "misses": self.misses,
             "hit_rate": self.hits / served if served else None,
             "age_p50": p50, "age_p95": p95, "age_max": self.age_max if ages.size else None,
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "rejected": dict(self.rejected),
         }
+
+
+class BrokerMetrics:
+    """The broker's figures as Ray metrics (Prometheus / the Ray dashboard), tagged by experiment."""
+
+    def __init__(self, experiment: str) -> None:
+        from ray.util.metrics import Gauge
+        self.tags = {"experiment": experiment}
+        g = lambda name, doc, keys: Gauge(f"ray_codistill_{name}", doc, tag_keys=("experiment", *keys))  # noqa: E731
+        self.step = g("step", "newest optimizer step of a replica", ("replica",))
+        self.age = g("teacher_age_p50", "median teacher age, in the teacher's steps", ("replica",))
+        self.hit_rate = g("teacher_hit_rate", "share of samples served with a teacher", ("replica",))
+        self.bytes = g("bytes", "bytes through the broker", ("replica", "direction"))
+        self.disagreement = g("disagreement", "top-1 disagreement of two replicas on the probe set", ("pair",))
+        self.sym_kl = g("symmetric_kl", "symmetric KL of two replicas on the probe set", ("pair",))
+        self.probe_acc = g("probe_accuracy", "probe-set accuracy of a replica or of the ensemble", ("replica",))
+
+    def replica(self, replica: int, step: int, c: dict) -> None:
+        tags = {**self.tags, "replica": str(replica)}
+        self.step.set(step, tags)
+        if c["age_p50"] is not None:
+            self.age.set(c["age_p50"], tags)
+        if c["hit_rate"] is not None:
+            self.hit_rate.set(c["hit_rate"], tags)
+        self.bytes.set(c["bytes_in"], {**tags, "direction": "in"})
+        self.bytes.set(c["bytes_out"], {**tags, "direction": "out"})
+
+    def divergence(self, latest: dict) -> None:
+        for p in latest["pairs"]:
+            tags = {**self.tags, "pair": f"{p['replica_a']}-{p['replica_b']}"}
+            self.disagreement.set(p["disagreement"], tags)
+            self.sym_kl.set(p["sym_kl"], tags)
+        for r, acc in latest["probe_acc"].items():
+            self.probe_acc.set(acc, {**self.tags, "replica": str(r)})
+        self.probe_acc.set(latest["ensemble_acc"], {**self.tags, "replica": "ensemble"})
 
 
 class Broker:
     """Teacher material, exchange counters and metric rows of one experiment."""
 
     def __init__(self, experiment: str, num_replicas: int, num_train: int,
-                 max_staleness: int | None = None) -> None:
+                 max_staleness: int | None = None, method: str = "codistill",
+                 probe_labels: np.ndarray | None = None) -> None:
         self.experiment = experiment
+        self.method = method
         self.num_replicas = num_replicas
         self.num_train = num_train
         self.max_staleness = max_staleness
@@ -91,10 +135,17 @@ class Broker:
         self._progress: dict[int, dict] = {}
         self._workers: dict[int, dict[int, dict]] = {}
         self._final: dict[int, dict] = {}
+        self.rounds = ProbeRounds(num_replicas, probe_labels) if probe_labels is not None else None
+        self.status = "running"
+        self.metrics = BrokerMetrics(experiment)
 
     # -- logits exchange ------------------------------------------------------------------------
     def publish(self, replica: int, step: int | np.ndarray, indices: np.ndarray, logits: np.ndarray) -> None:
         """Store logits of samples (one or several batches; `step` per sample or for all)."""
+        reason = self._invalid(replica, indices, logits)
+        if reason:
+            self.counters[replica].reject(reason)
+            return
         store = self._logits[replica]
         if store is None:
             store = self._logits[replica] = np.zeros((self.num_train, logits.shape[1]), dtype=np.float16)
@@ -104,6 +155,21 @@ class Broker:
         c = self.counters[replica]
         c.publications += 1
         c.bytes_in += indices.nbytes + logits.nbytes + np.asarray(step).nbytes
+
+    def _invalid(self, replica: int, indices: np.ndarray, logits: np.ndarray) -> str | None:
+        """Why a publication must not be stored and served, or None when it is fine."""
+        if logits.ndim != 2 or indices.ndim != 1 or len(indices) != len(logits):
+            return "shape"
+        if not np.issubdtype(indices.dtype, np.integer) or not np.issubdtype(logits.dtype, np.floating):
+            return "dtype"
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.num_train):
+            return "index_range"
+        store = self._logits[replica]
+        if store is not None and logits.shape[1] != store.shape[1]:
+            return "shape"
+        if not np.isfinite(logits).all():
+            return "non_finite"
+        return None
 
     def fetch(self, replica: int, indices: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """Mean peer logits for `indices`, a mask of samples that have a teacher, and its age.
@@ -185,6 +251,25 @@ class Broker:
         if rows:
             self._progress[replica] = {**self._progress.get(replica, {}), **{k: v for k, v in rows[-1].items()
                                                                           if v is not None}}
+            self.metrics.replica(replica, int(self.latest_step[replica]), c.as_dict())
+
+    def probe(self, replica: int, step: int, logits: np.ndarray) -> None:
+        """A replica's logits on the probe set at `step`; completes a round when it is the last."""
+        if self.rounds is None:
+            return
+        if logits.shape != (len(self.rounds.labels), logits.shape[-1]) or not np.isfinite(logits).all():
+            self.counters[replica].reject("probe")
+            return
+        done = self.rounds.add(replica, step, logits.astype(np.float32))
+        if done is not None:
+            self.metrics.divergence(done)
+
+    def divergence(self) -> list[dict]:
+        """Every completed probe round, one row per pair of replicas."""
+        return self.rounds.history if self.rounds is not None else []
+
+    def set_status(self, status: str) -> None:
+        self.status = status
 
     def finish(self, replica: int, result: dict, test_probs: np.ndarray, test_labels: np.ndarray) -> None:
         self._final[replica] = {"result": result, "probs": test_probs, "labels": test_labels}
@@ -199,12 +284,26 @@ class Broker:
         return self._progress
 
     def stats(self) -> dict:
+        """Everything a user watches, JSON-ready (the schema is in README.md, "Watching a run")."""
+        replicas = {}
+        for r in range(self.num_replicas):
+            p = self._progress.get(r, {})
+            replicas[str(r)] = {
+                "step": int(self.latest_step[r]), "train_loss": p.get("train/loss"), "val_acc": p.get("val/acc"),
+                "samples_per_s": p.get("perf/samples_per_s"), **self.counters[r].as_dict(),
+                "probe_acc": (self.rounds.latest or {}).get("probe_acc", {}).get(r) if self.rounds else None,
+                "workers": {str(k): v for k, v in self._workers.get(r, {}).items()},
+            }
+        latest = self.rounds.latest if self.rounds else None
         return {
-            "experiment": self.experiment,
-            "uptime_s": time.time() - self.started,
-            "replicas": {r: {"step": int(self.latest_step[r]), **self.counters[r].as_dict(),
-                             "workers": self._workers.get(r, {}), **self._progress.get(r, {})}
-                         for r in range(self.num_replicas)},
+            "schema": STATS_SCHEMA, "experiment": self.experiment, "method": self.method,
+            "status": self.status, "uptime_s": time.time() - self.started, "num_replicas": self.num_replicas,
+            "replicas": replicas,
+            "divergence": None if latest is None else {
+                "step": latest["step"], "ensemble_acc": latest["ensemble_acc"],
+                "pairs": [{k: p[k] for k in ("replica_a", "replica_b", "sym_kl", "disagreement", "l2")}
+                          for p in latest["pairs"]]},
+            "probe_rounds": len({row["step"] for row in self.rounds.history}) if self.rounds else 0,
         }
 
     def ping(self) -> int:
@@ -214,10 +313,11 @@ class Broker:
 RemoteBroker = ray.remote(num_cpus=0, max_concurrency=1)(Broker)
 
 
-def start_broker(experiment: str, num_replicas: int, num_train: int, max_staleness: int | None):
+def start_broker(experiment: str, num_replicas: int, num_train: int, max_staleness: int | None = None,
+                 method: str = "codistill", probe_labels: np.ndarray | None = None):
     """Create the named broker actor of an experiment (the driver's side)."""
-    handle = RemoteBroker.options(name=broker_name(experiment), namespace=NAMESPACE,
-                                  lifetime=None).remote(experiment, num_replicas, num_train, max_staleness)
+    handle = RemoteBroker.options(name=broker_name(experiment), namespace=NAMESPACE, lifetime=None).remote(
+        experiment, num_replicas, num_train, max_staleness, method, probe_labels)
     ray.get(handle.ping.remote())
     return handle
 

@@ -1,4 +1,4 @@
-"""The `ray-codistill` command: run, compare, report.
+"""The `ray-codistill` command: run, compare, stats, report.
 
 Thin: it parses arguments, builds the config and calls the library. Exit status 2 means the
 config or the arguments were refused before anything started; 1 means the run itself failed.
@@ -32,6 +32,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="methods (default: codistill independent allreduce)")
+
+    p = sub.add_parser("stats", help="live divergence and exchange statistics of a running experiment")
+    p.add_argument("name", help="experiment name")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)")
+    p.add_argument("--json", action="store_true", help="print JSON (schema in README.md)")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until the run ends")
 
     p = sub.add_parser("report", help="table and plots from existing result folders")
     p.add_argument("dirs", nargs="+", help="experiment folders, or folders that contain them")
@@ -68,20 +74,23 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_stats(args) -> int:
+    from ray_codistill.stats import show
+    return show(args.name, args.address, as_json=args.json, watch_s=args.watch)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    # imported here so that `--help` and argument errors answer at once
-    from ray_codistill.config import ConfigError
-    from ray_codistill.data import DataError
-    from ray_codistill.launcher import RunError
-    from ray_codistill.models import ModelError
-    from ray_codistill.report import ReportError
+    # commands import what they need, so `stats` and `--help` answer without loading torch
+    from ray_codistill.errors import (ClusterError, ConfigError, DataError, ModelError, ReportError, RunError,
+                                      StatsError)
     try:
-        return {"run": cmd_run, "compare": cmd_compare, "report": cmd_report}[args.command](args)
+        commands = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "stats": cmd_stats}
+        return commands[args.command](args)
     except (ConfigError, DataError, ModelError) as err:  # refused before anything started
         print(f"ray-codistill: config error: {err}", file=sys.stderr)
         return 2
-    except (RunError, ReportError) as err:
+    except (RunError, ReportError, StatsError, ClusterError) as err:
         print(f"ray-codistill: error: {err}", file=sys.stderr)
         return 1
 

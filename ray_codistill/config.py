@@ -14,13 +14,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+from ray_codistill.errors import ConfigError
 
 METHODS = ("codistill", "allreduce", "independent")
 DATASETS = ("mnist1d", "synthetic", "imagefolder", "cifar10")
-
-
-class ConfigError(ValueError):
-    """An invalid config value or key; the message names the key and what is allowed."""
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -112,6 +109,8 @@ class CodistillConfig:
     exchange_batches: int = 8  # logits mode: batches fetched / published per broker call
     max_staleness: int | None = None  # logits mode: drop teachers older than this many teacher steps
     fetch_timeout_s: float = 1.0  # a broker answer later than this means "no teacher this step"
+    probe_size: int = 512  # divergence probe: the first probe_size validation samples
+    probe_every: int = 100  # steps between probe rounds (0: no divergence statistics)
     wait_for_peers_s: float = 120.0  # at start, wait up to this long for every replica to be up (0: don't)
 
     def __post_init__(self) -> None:
@@ -126,6 +125,8 @@ class CodistillConfig:
                f"got {self.exchange_batches}, must be >= 1")
         _check(self.max_staleness is None or self.max_staleness >= 0, "codistill.max_staleness",
                f"got {self.max_staleness}, must be >= 0 or null (no limit)")
+        _check(self.probe_size >= 1, "codistill.probe_size", f"got {self.probe_size}, must be >= 1")
+        _check(self.probe_every >= 0, "codistill.probe_every", f"got {self.probe_every}, must be >= 0 (0: off)")
         _check(self.wait_for_peers_s >= 0, "codistill.wait_for_peers_s",
                f"got {self.wait_for_peers_s}, must be >= 0")
         _check(self.fetch_timeout_s > 0, "codistill.fetch_timeout_s", f"got {self.fetch_timeout_s}, must be > 0")

@@ -25,18 +25,15 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .config import DataConfig
+from .errors import DataError
 
 Batch = tuple[Tensor, Tensor, Tensor]  # (x, y, idx)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-
-
-class DataError(ValueError):
-    """A dataset that cannot be loaded; the one-line message names `data.root` and the path."""
 
 
 class InMemoryDataset(Dataset):
@@ -256,6 +253,15 @@ def eval_batches(ds: Dataset, batch_size: int, num_workers: int = 0) -> Iterator
         return ((ds.x[s:s + batch_size], ds.y[s:s + batch_size], torch.arange(s, min(s + batch_size, len(ds))))
                 for s in range(0, len(ds), batch_size))
     return iter(DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers))
+
+
+def probe_split(splits: Splits, size: int) -> Dataset:
+    """The fixed divergence probe: the first `size` validation samples (the validation split is a
+    seeded random carve, so these are a random sample, the same for every replica and method)."""
+    n = min(size, len(splits.val))
+    if isinstance(splits.val, InMemoryDataset):
+        return InMemoryDataset(splits.val.x[:n], splits.val.y[:n])
+    return Subset(splits.val, range(n))
 
 
 def describe(splits: Splits) -> str:

@@ -27,16 +27,15 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from ray_codistill.broker import start_broker
+from ray_codistill.cluster import connect
 from ray_codistill.config import ConfigError, ExperimentConfig
-from ray_codistill.data import describe, load_splits
+from ray_codistill.data import describe, eval_batches, load_splits, probe_split
+from ray_codistill.divergence import churn, ensemble_accuracy
 from ray_codistill.models import check_model
 from ray_codistill.replica import train_loop_per_worker
+from ray_codistill.errors import RunError
 
 ID_COLUMNS = ["experiment", "method", "replica", "seed", "step"]
-
-
-class RunError(RuntimeError):
-    """A replica's worker group failed, or the cluster cannot host the experiment."""
 
 
 @dataclass
@@ -119,17 +118,6 @@ def prepare_folder(cfg: ExperimentConfig, overwrite: bool) -> Path:
     return path
 
 
-def init_ray(address: str | None = None) -> None:
-    """Attach to the cluster at `address` (or RAY_ADDRESS); without one, start Ray locally."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    try:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise RunError(f"cannot reach a Ray cluster at {address!r}: {str(err).splitlines()[0]}") from err
-
-
 def check_resources(cfg: ExperimentConfig) -> None:
     need_cpu = cfg.num_models * cfg.workers_per_model * cfg.cpus_per_worker
     have = ray.cluster_resources()
@@ -183,14 +171,19 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     folder = prepare_folder(cfg, overwrite)
     splits = load_splits(cfg.data)
     check_model(cfg.model, splits.input_shape, splits.num_classes)
-    init_ray(address)
+    connect(address)
     check_resources(cfg)
     say(f"experiment {cfg.name}: {cfg.method}, {cfg.num_models} model(s) x {cfg.workers_per_model} worker(s), "
         f"{cfg.steps} steps, batch {cfg.batch_size}/worker; {describe(splits)}")
     say(f"results: {folder}")
 
     started = time.time()
-    broker = start_broker(cfg.name, cfg.num_models, len(splits.train), cfg.codistill.max_staleness)
+    probe_labels = None
+    if cfg.num_models > 1 and cfg.codistill.probe_every:
+        probe = probe_split(splits, cfg.codistill.probe_size)
+        probe_labels = np.concatenate([y.numpy() for _, y, _ in eval_batches(probe, cfg.eval_batch_size)])
+    broker = start_broker(cfg.name, cfg.num_models, len(splits.train), cfg.codistill.max_staleness,
+                          cfg.method, probe_labels)
     splits_ref = ray.put(splits)
     trainers = [_trainer(cfg, r, splits_ref, folder) for r in range(cfg.num_models)]
     errors: dict[int, BaseException] = {}
@@ -209,13 +202,17 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
             for r, f in enumerate(futures):
                 if f.exception() is not None:
                     errors[r] = f.exception()
-        rows, final, stats = ray.get([broker.rows.remote(), broker.final.remote(), broker.stats.remote()])
+        broker.set_status.remote("finished")
+        rows, final, stats, divergence = ray.get([broker.rows.remote(), broker.final.remote(),
+                                                  broker.stats.remote(), broker.divergence.remote()])
     finally:
         ray.kill(broker)
     wall = time.time() - started
 
     metrics = _metrics_table(cfg, rows)
     write_parquet(folder / "metrics.parquet", metrics)
+    if divergence:
+        write_parquet(folder / "divergence.parquet", _tag(cfg, pd.DataFrame(divergence), ["step", "replica_a"]))
     summary = _summary(cfg, final, stats, wall, errors)
     write_json(folder / "summary.json", summary)
     if errors:
@@ -231,23 +228,28 @@ def _fmt_accs(summary: dict) -> str:
     return accs + (f", ensemble {ens:.4f}" if ens is not None else "")
 
 
+def _tag(cfg: ExperimentConfig, df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """Sort a table and put experiment, method and seed in front, as every result table has."""
+    df = df.sort_values(order, kind="stable").reset_index(drop=True)
+    df.insert(0, "experiment", cfg.name)
+    df.insert(1, "method", cfg.method)
+    df.insert(2, "seed", cfg.seed)
+    return df
+
+
 def _metrics_table(cfg: ExperimentConfig, rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows)
-    if df.empty:
-        df = pd.DataFrame(columns=["replica", "step"])
-    df["experiment"], df["method"], df["seed"] = cfg.name, cfg.method, cfg.seed
-    df = df.sort_values(["replica", "step"], kind="stable").reset_index(drop=True)
-    rest = [c for c in df.columns if c not in ID_COLUMNS]
-    return df[ID_COLUMNS + rest]
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["replica", "step"])
+    df = _tag(cfg, df, ["replica", "step"])
+    return df[ID_COLUMNS + [c for c in df.columns if c not in ID_COLUMNS]]
 
 
 def _summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, errors: dict) -> dict:
     replicas = [final[r]["result"] for r in sorted(final)]
-    ensemble = None
+    ensemble, prediction_churn = None, None
     if len(final) > 1:
-        probs = np.mean([final[r]["probs"] for r in sorted(final)], axis=0)
-        labels = final[sorted(final)[0]]["labels"]
-        ensemble = float((probs.argmax(1) == labels).mean())
+        probs = [final[r]["probs"] for r in sorted(final)]
+        ensemble = ensemble_accuracy(probs, final[sorted(final)[0]]["labels"])
+        prediction_churn = churn(probs)
     counters = stats["replicas"]
     return {
         "experiment": cfg.name, "method": cfg.method, "seed": cfg.seed, "num_models": cfg.num_models,
@@ -256,10 +258,12 @@ def _summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, error
         "replicas": replicas,
         "test_acc_mean": float(np.mean([r["test_acc"] for r in replicas])) if replicas else None,
         "ensemble_test_acc": ensemble,
+        "prediction_churn": prediction_churn,  # share of test samples two replicas label differently
+        "final_divergence": stats["divergence"],
         "wall_time_s": wall,
         "bytes_exchanged": int(sum(c["bytes_in"] + c["bytes_out"] for c in counters.values())),
         "allreduce_bytes": int(sum(r.get("allreduce_bytes", 0) for r in replicas)),
-        "broker": {str(r): {k: v for k, v in c.items() if k != "workers"} for r, c in counters.items()},
+        "broker": {r: {k: v for k, v in c.items() if k != "workers"} for r, c in counters.items()},
         "config": cfg.to_dict(), "versions": versions(), "git_rev": git_revision(),
         "command": " ".join(sys.argv),
     }

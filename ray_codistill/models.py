@@ -12,12 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .errors import ModelError
 
 OWN_MODELS = ("mnist1d_cnn", "mlp")
-
-
-class ModelError(ValueError):
-    """A model that cannot be built for the data; the message names `model.name`."""
 
 
 def _conv_out(length: int, kernel: int, stride: int, padding: int) -> int:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ray_codistill.broker import BrokerClient
 from ray_codistill.config import ExperimentConfig
-from ray_codistill.data import eval_batches, train_batches
+from ray_codistill.data import eval_batches, probe_split, train_batches
 from ray_codistill.loss import alpha_at, codistill_loss
 from ray_codistill.models import build_model
 from ray_codistill.optim import build_optimizer
@@ -194,25 +194,25 @@ class AllreduceCounter:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, ds, batch_size: int, device: torch.device, want_probs: bool = False):
-    """Accuracy and mean loss over a whole split (and the softmax outputs when asked)."""
+def predict(model: torch.nn.Module, ds, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of a whole split, in order, on the CPU (eval mode, restored after)."""
     was_training = model.training
     model.eval()
-    correct, loss_sum, n, probs, labels = 0, 0.0, 0, [], []
+    logits, labels = [], []
     for x, y, _ in eval_batches(ds, batch_size):
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        n += y.numel()
-        if want_probs:
-            probs.append(logits.softmax(1).float().cpu())
-            labels.append(y.cpu())
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(y)
     model.train(was_training)
-    out = {"acc": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+    return torch.cat(logits), torch.cat(labels)
+
+
+def evaluate(model: torch.nn.Module, ds, batch_size: int, device: torch.device, want_probs: bool = False):
+    """Accuracy and mean loss over a whole split (and the softmax outputs when asked)."""
+    logits, labels = predict(model, ds, batch_size, device)
+    out = {"acc": (logits.argmax(1) == labels).float().mean().item(),
+           "loss": F.cross_entropy(logits, labels).item()}
     if want_probs:
-        out["probs"] = torch.cat(probs).numpy()
-        out["labels"] = torch.cat(labels).numpy()
+        out["probs"], out["labels"] = logits.softmax(1).numpy(), labels.numpy()
     return out
 
 
@@ -285,6 +285,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         exchange = (LogitsTeacher(client, cfg.codistill.exchange_batches) if cfg.codistill.exchange == "logits" else
                     WeightsTeacher(client, model_fn, cfg.codistill.exchange_every, device))
     cc = cfg.codistill
+    probe = probe_split(splits, cc.probe_size) if rank == 0 and cfg.num_models > 1 and cc.probe_every else None
     alpha_of = (lambda s: alpha_at(s, cc.alpha, cc.burn_in, cc.ramp_steps)) if cfg.distills else (lambda s: 0.0)
 
     # -- loop ------------------------------------------------------------------------------------
@@ -342,6 +343,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     row["val/acc"], row["val/loss"] = val["acc"], val["loss"]
                 client.send("log", [row])
             win = new_window()
+        if probe is not None and (done % cc.probe_every == 0 or done == cfg.steps):
+            client.send("probe", done, predict(unwrap(model), probe, cfg.eval_batch_size, device)[0].numpy())
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
             _save_checkpoint(done, model, optimizer, scheduler, {"step": done}, rank)
 

@@ -18,16 +18,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
+from ray_codistill.errors import ReportError
 
 METHOD_ORDER = ("codistill", "independent", "allreduce")
 SUMMARY = "summary.json"
 METRICS = "metrics.parquet"
+DIVERGENCE = "divergence.parquet"
 META_COLUMNS = ("experiment", "method", "replica", "seed", "step")
 DASH = "–"  # en dash: "not applicable", e.g. the ensemble of a single model
-
-
-class ReportError(ValueError):
-    """No result to report, or a result folder that cannot be read."""
 
 
 # --- finding and loading -----------------------------------------------------------------------
@@ -95,6 +93,7 @@ def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
                 "wall_time_s": _float_or_nan(s.get("wall_time_s")),
                 "bytes_exchanged": s.get("bytes_exchanged", 0),
                 "allreduce_bytes": s.get("allreduce_bytes", 0),
+                "churn": _float_or_nan((s.get("prediction_churn") or {}).get("mean")),
                 "group": s["method"],
             }
         )
@@ -114,6 +113,17 @@ def load_metrics(dirs: Iterable[str | Path]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=list(META_COLUMNS))
     return pd.concat(frames, ignore_index=True, sort=False)
+
+
+def load_divergence(dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """All `divergence.parquet` tables stacked, with `replica` naming the pair ("0-1")."""
+    frames = [pd.read_parquet(Path(d) / DIVERGENCE, engine="pyarrow") for d in dirs
+              if (Path(d) / DIVERGENCE).is_file()]
+    if not frames:
+        return pd.DataFrame(columns=list(META_COLUMNS))
+    df = pd.concat(frames, ignore_index=True, sort=False)
+    df["replica"] = df["replica_a"].astype(str) + "-" + df["replica_b"].astype(str)
+    return df
 
 
 # --- the comparison table ----------------------------------------------------------------------
@@ -154,7 +164,8 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     """One row per method (codistill, independent, allreduce, then others), cells as strings.
 
     Columns: method, seeds (experiments aggregated), test acc and ensemble acc (percent, mean ± std
-    over seeds; one seed shows the value alone; "–" for single-model methods), wall time (s),
+    over seeds; one seed shows the value alone; "–" for single-model methods), churn (percent of
+    test samples two replicas label differently, Anil et al. 2018; "–" for one model), wall time (s),
     bytes exchanged and all-reduce bytes (means, human readable).
     """
     columns = [
@@ -162,6 +173,7 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
         "seeds",
         "test acc",
         "ensemble acc",
+        "churn",
         "wall time (s)",
         "bytes exchanged",
         "all-reduce bytes",
@@ -180,6 +192,7 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
                 "seeds": len(g),
                 "test acc": _pct_mean_std(g["test_acc"]),
                 "ensemble acc": DASH if single_model else _pct_mean_std(g["ensemble_test_acc"]),
+                "churn": DASH if single_model else _pct_mean_std(g.get("churn", pd.Series(dtype=float))),
                 "wall time (s)": DASH if math.isnan(wall) else f"{wall:.0f}",
                 "bytes exchanged": human_bytes(g["bytes_exchanged"].astype(float).mean()),
                 "all-reduce bytes": human_bytes(g["allreduce_bytes"].astype(float).mean()),
@@ -246,20 +259,26 @@ def _plot_metric(metrics: pd.DataFrame, column: str, ylabel: str, path: Path, lo
     fig.savefig(path, dpi=120)
 
 
-def plot_curves(metrics: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write `val_acc.png` and `train_loss.png` into `out_dir`; return the paths written.
+CURVES = [
+    ("val/acc", "validation accuracy", "val_acc.png", False),
+    ("train/loss", "train loss", "train_loss.png", True),
+]
+DIVERGENCE_CURVES = [
+    ("disagreement", "top-1 disagreement on the probe set", "disagreement.png", False),
+    ("sym_kl", "symmetric KL on the probe set", "symmetric_kl.png", True),
+]
 
-    One line per replica of each experiment, one colour per method. A plot whose metric is
-    missing or all NaN is skipped.
+
+def plot_curves(metrics: pd.DataFrame, out_dir: str | Path, specs=CURVES) -> list[Path]:
+    """Write `val_acc.png` and `train_loss.png` (or the plots `specs` name) into `out_dir`.
+
+    One line per replica (or pair of replicas) of each experiment, one colour per method. A plot
+    whose metric is missing or all NaN is skipped. Returns the paths written.
     """
     out_dir = Path(out_dir)
     written: list[Path] = []
     if metrics.empty or "step" not in metrics.columns:
         return written
-    specs = [
-        ("val/acc", "validation accuracy", "val_acc.png", False),
-        ("train/loss", "train loss", "train_loss.png", True),
-    ]
     for column, ylabel, name, log_y in specs:
         if column not in metrics.columns or metrics[column].isna().all():
             continue
@@ -284,5 +303,6 @@ def report(
         paths = [paths]
     dirs = find_experiments(paths)
     markdown = to_markdown(comparison_table(load_summaries(dirs)))
-    pngs = plot_curves(load_metrics(dirs), Path(out_dir) if out_dir is not None else Path(paths[0]))
+    out = Path(out_dir) if out_dir is not None else Path(paths[0])
+    pngs = plot_curves(load_metrics(dirs), out) + plot_curves(load_divergence(dirs), out, DIVERGENCE_CURVES)
     return markdown, pngs

@@ -26,7 +26,7 @@ def test_fetch_before_any_publication_has_no_teacher(broker):
     _, b = broker
     teacher, mask, age = ray.get(b.fetch.remote(0, np.arange(4)))
     assert teacher is None and not mask.any() and (age == -1).all()
-    assert ray.get(b.stats.remote())["replicas"][0]["misses"] == 4
+    assert ray.get(b.stats.remote())["replicas"]["0"]["misses"] == 4
 
 
 def test_peer_logits_are_served_with_mask_and_age(broker):
@@ -43,8 +43,8 @@ def test_peer_logits_are_served_with_mask_and_age(broker):
     _, own_mask, _ = ray.get(b.fetch.remote(1, idx))
     assert not own_mask.any()
     s = ray.get(b.stats.remote())["replicas"]
-    assert (s[0]["hits"], s[0]["misses"], s[0]["age_max"]) == (3, 1, 2)
-    assert s[1]["publications"] == 2 and s[1]["bytes_in"] > 0 and s[0]["bytes_out"] > 0
+    assert (s["0"]["hits"], s["0"]["misses"], s["0"]["age_max"]) == (3, 1, 2)
+    assert s["1"]["publications"] == 2 and s["1"]["bytes_in"] > 0 and s["0"]["bytes_out"] > 0
 
 
 def test_max_staleness_drops_old_teachers(broker):
@@ -93,3 +93,49 @@ def test_client_finds_the_broker_by_name_and_survives_its_loss(broker):
     ray.kill(b)
     assert client.resolve(client.fetch_async(np.arange(3))) is None  # a miss, not a crash
     assert client.errors >= 1
+
+
+@pytest.mark.parametrize("indices, logits, reason", [
+    (np.arange(2), np.array([[np.nan, 0.0], [1.0, 0.0]], dtype=np.float16), "non_finite"),
+    (np.arange(2), np.zeros((3, 2), dtype=np.float16), "shape"),
+    (np.array([0, 100]), np.zeros((2, 2), dtype=np.float16), "index_range"),
+    (np.array([-1, 0]), np.zeros((2, 2), dtype=np.float16), "index_range"),
+    (np.array([0.0, 1.0]), np.zeros((2, 2), dtype=np.float16), "dtype"),
+])
+def test_bad_publications_are_rejected_and_never_served(broker, indices, logits, reason):
+    _, b = broker
+    ray.get(b.publish.remote(1, 5, indices, logits))
+    stats = ray.get(b.stats.remote())["replicas"]["1"]
+    assert stats["rejected"] == {reason: 1} and stats["publications"] == 0
+    teacher, mask, _ = ray.get(b.fetch.remote(0, np.arange(2)))
+    assert teacher is None and not mask.any()
+
+
+def test_probe_rounds_and_stats_schema(ray_cluster):
+    labels = np.array([0, 1, 1])
+    b = start_broker("test-probes", 2, num_train=10, probe_labels=labels)
+    try:
+        z0 = np.array([[3.0, 0.0], [0.0, 3.0], [0.0, 3.0]], dtype=np.float32)
+        z1 = np.array([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0]], dtype=np.float32)
+        ray.get(b.probe.remote(0, 100, z0))
+        assert ray.get(b.stats.remote())["divergence"] is None  # replica 1 has not reported yet
+        ray.get(b.probe.remote(1, 100, z1))
+        ray.get(b.probe.remote(1, 200, np.full((3, 2), np.inf, dtype=np.float32)))  # rejected
+        ray.get(b.log.remote(0, [{"step": 100, "train/loss": 0.5, "val/acc": 0.9, "perf/samples_per_s": 10.0}]))
+        stats = ray.get(b.stats.remote())
+        assert stats["schema"] == "ray_codistill.stats/1" and stats["status"] == "running"
+        assert stats["probe_rounds"] == 1
+        div = stats["divergence"]
+        assert div["step"] == 100 and div["pairs"][0]["disagreement"] == pytest.approx(1 / 3)
+        # the second sample (label 1) is a 50/50 tie in the mean softmax: argmax takes class 0
+        assert div["ensemble_acc"] == pytest.approx(2 / 3)
+        r0, r1 = stats["replicas"]["0"], stats["replicas"]["1"]
+        assert (r0["step"], r0["train_loss"], r0["val_acc"], r0["samples_per_s"]) == (100, 0.5, 0.9, 10.0)
+        assert r0["probe_acc"] == 1.0 and r1["probe_acc"] == pytest.approx(2 / 3)
+        assert r1["rejected"] == {"probe": 1}
+        assert set(r0) >= {"publications", "fetches", "hits", "misses", "hit_rate", "age_p50", "age_p95",
+                           "age_max", "bytes_in", "bytes_out", "workers"}
+        row, = ray.get(b.divergence.remote())
+        assert row["step"] == 100 and row["acc_a"] == 1.0
+    finally:
+        ray.kill(b)

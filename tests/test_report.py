@@ -47,6 +47,8 @@ def _write_experiment(root, name, method, seed, num_models, accs, ens, wall, nby
         "wall_time_s": wall,
         "bytes_exchanged": nbytes,
         "allreduce_bytes": arbytes,
+        # churn: the share of test samples the two replicas label differently
+        "prediction_churn": {"mean": 0.04 + seed * 0.02, "pairs": {}} if num_models > 1 else None,
         "config": {"method": method, "seed": seed},
         "versions": {"torch": "x"},
         "git_rev": "abc123",
@@ -123,6 +125,7 @@ def test_comparison_table_values(results):
         "seeds",
         "test acc",
         "ensemble acc",
+        "churn",
         "wall time (s)",
         "bytes exchanged",
         "all-reduce bytes",
@@ -135,13 +138,15 @@ def test_comparison_table_values(results):
     assert cd["test acc"] == "93.5 ± 1.4"
     # ensemble 96.5 and 95.5 -> mean 96.0, std sqrt(((0.5)^2 + (0.5)^2) / 1) = 0.707
     assert cd["ensemble acc"] == "96.0 ± 0.7"
+    # churn 4% and 6% -> mean 5.0, sample std sqrt(2) = 1.4
+    assert cd["churn"] == "5.0 ± 1.4"
     assert cd["wall time (s)"] == "75"
     assert cd["bytes exchanged"] == "1.3 MB"
     assert cd["all-reduce bytes"] == "0 B"
 
     # allreduce: 90.0 and 89.0 -> mean 89.5, sample std 0.707
     assert ar["test acc"] == "89.5 ± 0.7"
-    assert ar["ensemble acc"] == "–"
+    assert ar["ensemble acc"] == "–" and ar["churn"] == "–"
     assert ar["wall time (s)"] == "56"  # 55.5 rounds half to even
     assert ar["all-reduce bytes"] == "4.0 MB"
 
@@ -174,14 +179,14 @@ def test_to_markdown(results):
     md = to_markdown(table)
     lines = md.strip().splitlines()
     assert lines[0] == (
-        "| method | seeds | test acc | ensemble acc | wall time (s) | bytes exchanged "
+        "| method | seeds | test acc | ensemble acc | churn | wall time (s) | bytes exchanged "
         "| all-reduce bytes |"
     )
     assert set(lines[1].replace("|", "").split()) <= {"---", "---:"}
     assert len(lines) == 2 + 2  # header, alignment, one row per method
     assert lines[2].startswith("| codistill | 2 | 93.5 ± 1.4 | 96.0 ± 0.7 |")
     assert lines[3].startswith("| allreduce | 2 | 89.5 ± 0.7 | – |")
-    assert all(line.count("|") == 8 for line in lines)
+    assert all(line.count("|") == 9 for line in lines)
 
 
 def test_plot_curves_writes_pngs(results, tmp_path):

@@ -1,0 +1,77 @@
+"""Live statistics of a running experiment, from any process attached to its Ray cluster.
+
+`get_stats(name)` asks the experiment's broker (by name) for its figures: what
+`ray-codistill stats NAME` prints, and what notebooks and Tune callbacks can call. The schema of
+the answer is documented in README.md ("Watching a run").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import ray
+
+from ray_codistill.broker import get_broker
+from ray_codistill.cluster import connect
+from ray_codistill.errors import StatsError
+
+
+def get_stats(name: str, address: str | None = None, timeout_s: float = 10.0) -> dict:
+    """The broker's figures for experiment `name` (a dict, see README.md for the schema)."""
+    connect(address, start_local=False)
+    try:
+        broker = get_broker(name)
+    except ValueError as err:
+        raise StatsError(f"no running experiment named {name!r} on this cluster "
+                         f"(its broker is gone once the run has ended)") from err
+    try:
+        return ray.get(broker.stats.remote(), timeout=timeout_s)
+    except Exception as err:  # the run ended between the lookup and the call
+        raise StatsError(f"the broker of {name!r} did not answer: {type(err).__name__}") from err
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def format_stats(stats: dict) -> str:
+    """A readable table of the broker's figures."""
+    lines = [f"experiment {stats['experiment']} ({stats['method']}, {stats['status']}, "
+             f"up {stats['uptime_s']:.0f}s, {stats['probe_rounds']} probe rounds)",
+             "replica  step  loss    val    probe  samples/s  hits    age p50/p95/max  MB in/out  rejected  workers"]
+    for r, s in stats["replicas"].items():
+        age = "/".join(_fmt(s[k], ".0f") for k in ("age_p50", "age_p95", "age_max"))
+        workers = ",".join(f"{w['pid']}@{w['host']}" for w in s["workers"].values()) or "-"
+        lines.append(f"{r:>7}  {s['step']:>4}  {_fmt(s['train_loss'])}  {_fmt(s['val_acc'])}  "
+                     f"{_fmt(s['probe_acc'])}  {_fmt(s['samples_per_s'], '9.0f')}  "
+                     f"{_fmt(s['hit_rate'], '6.1%')}  {age:>15}  "
+                     f"{s['bytes_in'] / 1e6:.1f}/{s['bytes_out'] / 1e6:.1f}  "
+                     f"{sum(s['rejected'].values()):>8}  {workers}")
+    div = stats.get("divergence")
+    if div:
+        lines.append(f"divergence at step {div['step']} (probe set), ensemble acc {div['ensemble_acc']:.3f}:")
+        for p in div["pairs"]:
+            lines.append(f"  replicas {p['replica_a']}-{p['replica_b']}: disagreement {p['disagreement']:.3f}  "
+                         f"symmetric KL {p['sym_kl']:.4f}  logit L2 {p['l2']:.3f}")
+    return "\n".join(lines)
+
+
+def show(name: str, address: str | None = None, as_json: bool = False, watch_s: float | None = None) -> int:
+    """Print the figures once, or every `watch_s` seconds until the run ends."""
+    seen = False
+    while True:
+        try:
+            stats = get_stats(name, address)
+        except StatsError:
+            if watch_s is None or not seen:
+                raise
+            print(f"experiment {name} has ended (its broker is gone)", flush=True)
+            return 0
+        seen = True
+        print(json.dumps(stats, default=str) if as_json else format_stats(stats), flush=True)
+        if watch_s is None or stats["status"] != "running":
+            return 0
+        time.sleep(watch_s)

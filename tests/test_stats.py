@@ -1,0 +1,84 @@
+"""`ray-codistill stats` from another process while a codistillation run trains, on a real Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+
+from ray_codistill import launcher
+
+from conftest import ROOT
+
+STATS_KEYS = {"schema", "experiment", "method", "status", "uptime_s", "num_replicas", "replicas",
+              "divergence", "probe_rounds"}
+REPLICA_KEYS = {"step", "train_loss", "val_acc", "samples_per_s", "publications", "fetches", "hits", "misses",
+                "hit_rate", "age_p50", "age_p95", "age_max", "bytes_in", "bytes_out", "rejected", "probe_acc",
+                "workers"}
+
+
+def _stats(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray_codistill.cli", "stats", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _wait_for_progress(name: str, deadline_s: float = 180) -> dict:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        out = _stats(name, "--json")
+        if out.returncode == 0:
+            stats = json.loads(out.stdout)
+            if all(r["step"] > 0 for r in stats["replicas"].values()):
+                return stats
+        time.sleep(0.5)
+    raise AssertionError(f"no progress from {name}: {out.stderr}")
+
+
+def test_stats_while_training(ray_cluster, smoke_config):
+    cfg = smoke_config.replace(name="live", steps=20000, log_every=50, eval_every=5000,
+                               **{"codistill.probe_every": 500})
+    outcome: dict = {}
+    run = threading.Thread(target=lambda: outcome.update(result=launcher.run(cfg, progress_every_s=5)))
+    run.start()
+    watcher = None
+    try:
+        first = _wait_for_progress("live")
+        watcher = subprocess.Popen([sys.executable, "-m", "ray_codistill.cli", "stats", "live", "--watch", "1"],
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2)
+        second = json.loads(_stats("live", "--json").stdout)
+        text = _stats("live")
+    finally:
+        run.join(timeout=600)
+    assert set(first) == STATS_KEYS and first["schema"] == "ray_codistill.stats/1"
+    assert first["method"] == "codistill" and first["status"] == "running" and first["num_replicas"] == 2
+    for r in ("0", "1"):
+        assert set(first["replicas"][r]) == REPLICA_KEYS
+        assert second["replicas"][r]["step"] > first["replicas"][r]["step"]  # training advanced
+        worker, = second["replicas"][r]["workers"].values()
+        assert worker["pid"] > 0 and worker["node_id"]
+    assert second["divergence"] is None or {"disagreement", "sym_kl", "l2"} <= set(second["divergence"]["pairs"][0])
+    assert text.returncode == 0 and "replica" in text.stdout and "samples/s" in text.stdout
+
+    # --watch refreshed until the run ended, then stopped by itself
+    out, _ = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0
+    assert out.count("experiment live") >= 2 and "has ended" in out
+
+    result = outcome["result"]
+    div = pd.read_parquet(result.path / "divergence.parquet")
+    assert list(div["step"]) == list(range(500, 20001, 500))  # every round, the final step included
+    assert {"experiment", "method", "seed", "replica_a", "replica_b", "sym_kl", "disagreement", "l2"} <= set(div)
+    assert result.summary["final_divergence"]["step"] == 20000
+    assert 0 <= result.summary["prediction_churn"]["mean"] <= 1
+
+
+def test_stats_errors_are_one_line(ray_cluster):
+    missing = _stats("no-such-experiment")
+    assert missing.returncode == 1 and "no running experiment named 'no-such-experiment'" in missing.stderr
+    unreachable = _stats("x", "--address", "127.0.0.1:1")
+    assert unreachable.returncode == 1 and "cannot reach a Ray cluster at '127.0.0.1:1'" in unreachable.stderr
