@@ -1,4 +1,4 @@
-"""The `ray-codistill` command: run, compare, stats, report.
+"""The `ray-codistill` command: run, compare, tune, stats, report.
 
 Thin: it parses arguments, builds the config and calls the library. Exit status 2 means the
 config or the arguments were refused before anything started; 1 means the run itself failed.
@@ -32,6 +32,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="methods (default: codistill independent allreduce)")
+
+    p = sub.add_parser("tune", help="Ray Tune search over a space file, then re-runs of the best per group")
+    _config_args(p)
+    p.add_argument("--space", required=True, help="search space YAML, e.g. tuning/spaces/regularization.yaml")
+    p.add_argument("--samples", type=int, default=1, help="Tune num_samples (random draws x grid; default 1)")
+    p.add_argument("--scheduler", choices=["asha", "none"], default="none", help="ASHA early stopping or none")
 
     p = sub.add_parser("stats", help="live divergence and exchange statistics of a running experiment")
     p.add_argument("name", help="experiment name")
@@ -74,6 +80,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from ray_codistill.tune import load_space, search
+    cfg = _load(args)
+    table, folder = search(cfg, load_space(args.space, cfg), samples=args.samples, scheduler=args.scheduler,
+                           address=args.address, overwrite=args.overwrite)
+    print(table)
+    print(f"results: {folder}")
+    return 0
+
+
 def cmd_stats(args) -> int:
     from ray_codistill.stats import show
     return show(args.name, args.address, as_json=args.json, watch_s=args.watch)
@@ -85,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray_codistill.errors import (ClusterError, ConfigError, DataError, ModelError, ReportError, RunError,
                                       StatsError)
     try:
-        commands = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "stats": cmd_stats}
+        commands = {"run": cmd_run, "compare": cmd_compare, "tune": cmd_tune, "report": cmd_report,
+                    "stats": cmd_stats}
         return commands[args.command](args)
     except (ConfigError, DataError, ModelError) as err:  # refused before anything started
         print(f"ray-codistill: config error: {err}", file=sys.stderr)

@@ -166,8 +166,12 @@ def _progress_line(cfg: ExperimentConfig, progress: dict) -> str:
 
 
 def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = False,
-        progress_every_s: float = 10.0) -> ExperimentResult:
-    """Train one experiment to the end and write its result files; returns where they are."""
+        progress_every_s: float = 10.0, on_progress=None) -> ExperimentResult:
+    """Train one experiment to the end and write its result files; returns where they are.
+
+    `on_progress(progress)`, if given, is called from this thread with the newest metric row of
+    each replica (`{replica: row}`) at every progress poll (Tune trials report through it).
+    """
     folder = prepare_folder(cfg, overwrite)
     splits = load_splits(cfg.data)
     check_model(cfg.model, splits.input_shape, splits.num_classes)
@@ -196,9 +200,13 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
                 if time.time() - last >= progress_every_s:
                     last = time.time()
                     try:
-                        say(_progress_line(cfg, ray.get(broker.progress.remote(), timeout=10)))
+                        progress = ray.get(broker.progress.remote(), timeout=10)
                     except Exception as err:  # progress is best-effort; training goes on
                         say(f"progress unavailable: {type(err).__name__}")
+                        continue
+                    say(_progress_line(cfg, progress))
+                    if on_progress is not None:
+                        on_progress(progress)
             for r, f in enumerate(futures):
                 if f.exception() is not None:
                     errors[r] = f.exception()

@@ -136,7 +136,7 @@ def _method_rank(method: str) -> tuple[int, str]:
     return (len(METHOD_ORDER), method)
 
 
-def _pct_mean_std(values: pd.Series) -> str:
+def pct_mean_std(values: pd.Series) -> str:
     v = values.dropna().astype(float) * 100.0
     if v.empty:
         return DASH
@@ -190,9 +190,9 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
             {
                 "method": method,
                 "seeds": len(g),
-                "test acc": _pct_mean_std(g["test_acc"]),
-                "ensemble acc": DASH if single_model else _pct_mean_std(g["ensemble_test_acc"]),
-                "churn": DASH if single_model else _pct_mean_std(g.get("churn", pd.Series(dtype=float))),
+                "test acc": pct_mean_std(g["test_acc"]),
+                "ensemble acc": DASH if single_model else pct_mean_std(g["ensemble_test_acc"]),
+                "churn": DASH if single_model else pct_mean_std(g.get("churn", pd.Series(dtype=float))),
                 "wall time (s)": DASH if math.isnan(wall) else f"{wall:.0f}",
                 "bytes exchanged": human_bytes(g["bytes_exchanged"].astype(float).mean()),
                 "all-reduce bytes": human_bytes(g["allreduce_bytes"].astype(float).mean()),

@@ -1,0 +1,264 @@
+"""Ray Tune searches: regularisation strength, staleness, and methods compared on the same budget.
+
+A search space file (YAML, see tuning/spaces/) names groups (a method and the hyperparameters to
+search for it), the seeds every configuration is searched with, and the seeds the best
+configuration of each group is re-run with. Each Tune trial runs one whole experiment through
+`launcher.run` (the broker and R worker groups for codistill; one worker group for allreduce):
+Ray Train V2 inside a Tune function trial. Selection uses validation accuracy only; the test
+figures in the final table come from the re-runs alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import yaml
+
+from ray_codistill import launcher, report
+from ray_codistill.cluster import connect
+from ray_codistill.config import METHODS, ExperimentConfig
+from ray_codistill.errors import ConfigError
+from ray_codistill.launcher import say, write_parquet
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
+RESULT_COLUMNS = ["phase", "group", "method", "trial", "experiment", "seed", "status", "step", "val_acc",
+                  "test_acc", "ensemble_test_acc", "wall_time_s"]
+
+
+@dataclass
+class Group:
+    name: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value or {dist: args}
+
+
+@dataclass
+class SearchSpace:
+    groups: list[Group]
+    seeds: list[int]
+    final_seeds: list[int]
+
+
+def load_space(path: str | Path, base: ExperimentConfig) -> SearchSpace:
+    """Read and check a search space file against the base config (every key must exist)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"space: file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - {"groups", "seeds", "final_seeds"}
+    if unknown:
+        raise ConfigError(f"space.{sorted(unknown)[0]}: unknown key; allowed keys: groups, seeds, final_seeds")
+    if not isinstance(raw.get("groups"), dict) or not raw["groups"]:
+        raise ConfigError("space.groups: required, a mapping of group name -> {method, params}")
+    groups = []
+    for name, spec in raw["groups"].items():
+        spec = spec or {}
+        method = spec.get("method", name)
+        if method not in METHODS:
+            raise ConfigError(f"space.groups.{name}.method: got {method!r}, allowed values: {', '.join(METHODS)}")
+        params = spec.get("params") or {}
+        for key, value in params.items():
+            if isinstance(value, dict) and (len(value) != 1 or next(iter(value)) not in DISTRIBUTIONS):
+                raise ConfigError(f"space.groups.{name}.params.{key}: use one of {', '.join(DISTRIBUTIONS)}, "
+                                  f"e.g. {{grid: [0.1, 1.0]}}")
+        groups.append(Group(str(name), method, params))
+        base.replace(method=method, **{k: _example(v) for k, v in params.items()})  # refuses unknown keys
+    seeds = [int(s) for s in raw.get("seeds", [base.seed])]
+    final = [int(s) for s in raw.get("final_seeds", [0, 1, 2])]
+    if not seeds or not final:
+        raise ConfigError("space.seeds / space.final_seeds: need at least one seed each")
+    return SearchSpace(groups, seeds, final)
+
+
+def _example(value: Any) -> Any:
+    """One admissible value of a parameter spec (to validate it against the config)."""
+    if not isinstance(value, dict):
+        return value
+    (dist, args), = value.items()
+    return args[0] if dist in ("grid", "choice") else float(args[0])
+
+
+def _domain(value: Any):
+    """A Tune search domain from a parameter spec (a plain value stays fixed)."""
+    from ray import tune
+    if not isinstance(value, dict):
+        return value
+    (dist, args), = value.items()
+    if dist == "grid":
+        return tune.grid_search(list(args))
+    if dist == "choice":
+        return tune.choice(list(args))
+    return getattr(tune, dist)(float(args[0]), float(args[1]))  # uniform, loguniform
+
+
+# -- the trial -----------------------------------------------------------------------------------
+
+def run_trial(params: dict, base: dict, group: str, phase: str, trials_dir: str) -> None:
+    """One Tune trial: one whole experiment; reports validation accuracy as it goes."""
+    from ray import tune
+    overrides = {k: v for k, v in params.items() if k != "seed"}
+    trial = tune.get_context().get_trial_id()
+    cfg = ExperimentConfig.from_dict(base).replace(
+        seed=params["seed"], storage_path=trials_dir, name=f"{base['name']}-{group}-{phase}-{trial}", **overrides)
+    reported = {"step": 0}
+
+    def on_progress(progress: dict) -> None:
+        # a report per new evaluation that every model has reached: ASHA compares trials on it
+        if len(progress) < cfg.num_models or any("val/acc" not in p for p in progress.values()):
+            return
+        step = min(p["step"] for p in progress.values())
+        if step >= reported["step"] + cfg.eval_every and step < cfg.steps:
+            reported["step"] = step
+            tune.report({"step": step, "val_acc": float(np.mean([p["val/acc"] for p in progress.values()]))})
+
+    result = launcher.run(cfg, overwrite=True, progress_every_s=5.0, on_progress=on_progress)
+    s = result.summary
+    tune.report({"step": cfg.steps, "val_acc": float(np.mean([r["val_acc"] for r in s["replicas"]])),
+                 "test_acc": s["test_acc_mean"], "ensemble_test_acc": s["ensemble_test_acc"],
+                 "wall_time_s": s["wall_time_s"], "experiment": cfg.name, "path": str(result.path)})
+
+
+def _tune(base: ExperimentConfig, group: Group, param_space: dict, phase: str, folder: Path,
+          samples: int, scheduler: str) -> pd.DataFrame:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    cpus = base.replicas * base.workers_per_replica * base.cpus_per_worker  # the same for every method
+    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+    trainable = tune.with_parameters(run_trial, base=base.replace(method=group.method).to_dict(), group=group.name,
+                                     phase=phase, trials_dir=str(folder / "trials"))
+    sched = (ASHAScheduler(time_attr="step", max_t=base.steps, grace_period=max(base.eval_every, base.steps // 8))
+             if scheduler == "asha" and phase == "search" else None)
+    tuner = tune.Tuner(
+        # the trial only drives: its worker groups hold the CPUs (Tune refuses an empty request)
+        tune.with_resources(trainable, {"CPU": 0, "memory": 2**20}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=samples, scheduler=sched,
+                                    max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=f"{base.name}-{group.name}-{phase}", storage_path=str(folder / "ray_tune"),
+                                  verbose=1),
+    )
+    say(f"tune {group.name} ({phase}): up to {concurrent} trial(s) at once")
+    rows = []
+    for res in tuner.fit():
+        m, cfg = res.metrics or {}, res.config or {}
+        finished = m.get("step") == base.steps and "test_acc" in m
+        rows.append({"phase": phase, "group": group.name, "method": group.method,
+                     "trial": m.get("trial_id"), "experiment": m.get("experiment"), "path": m.get("path"),
+                     "seed": cfg.get("seed"), "status": "finished" if finished else
+                     ("stopped early" if res.error is None else f"failed: {type(res.error).__name__}"),
+                     "step": m.get("step"), "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"),
+                     "ensemble_test_acc": m.get("ensemble_test_acc"), "wall_time_s": m.get("wall_time_s"),
+                     **{k: v for k, v in cfg.items() if k != "seed"}})
+    return pd.DataFrame(rows)
+
+
+def search(base: ExperimentConfig, space: SearchSpace, samples: int = 1, scheduler: str = "none",
+           address: str | None = None, overwrite: bool = False) -> tuple[str, Path]:
+    """Search every group, re-run each group's best configuration over the final seeds, report.
+
+    Returns the markdown table of the re-runs and the folder holding `tune.parquet`, the table,
+    the heatmaps and the curves.
+    """
+    if scheduler not in ("asha", "none"):
+        raise ConfigError(f"scheduler: got {scheduler!r}, allowed values: asha, none")
+    if samples < 1:
+        raise ConfigError(f"samples: got {samples}, must be >= 1")
+    folder = (Path(base.storage_path) / base.name).resolve()
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise ConfigError(f"name: search folder {folder} exists already; pick another name or pass --overwrite")
+    connect(address)
+    frames = []
+    for group in space.groups:
+        grid = {k: _domain(v) for k, v in group.params.items()}
+        frames.append(_tune(base, group, {**grid, "seed": _domain({"grid": space.seeds})}, "search", folder,
+                            samples, scheduler))
+        best = _best(frames[-1], group)
+        say(f"tune {group.name}: best by validation accuracy: {best}")
+        frames.append(_tune(base, group, {**best, "seed": _domain({"grid": space.final_seeds})}, "final", folder,
+                            1, "none"))
+    results = pd.concat(frames, ignore_index=True)
+    write_parquet(folder / "tune.parquet", results)
+    table, _ = write_report(folder, results)
+    return table, folder
+
+
+def _best(rows: pd.DataFrame, group: Group) -> dict:
+    """The finished configuration with the best mean validation accuracy over the search seeds."""
+    done = rows[rows["status"] == "finished"]
+    if done.empty:
+        raise launcher.RunError(f"tune {group.name}: no search trial finished; see the Tune output above")
+    keys = list(group.params)
+    if not keys:
+        return {}
+    means = done.groupby(keys, dropna=False)["val_acc"].mean()
+    best = means.idxmax()
+    return dict(zip(keys, best if isinstance(best, tuple) else (best,)))
+
+
+# -- report --------------------------------------------------------------------------------------
+
+def final_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Per group, the best configuration and its re-runs' test figures (mean ± std over seeds)."""
+    final = results[(results["phase"] == "final") & (results["status"] == "finished")]
+    rows = []
+    for group, g in final.groupby("group", sort=False):
+        params = [c for c in g.columns if c not in RESULT_COLUMNS + ["path"] and g[c].notna().any()]
+        single = (g["method"] == "allreduce").all()
+        rows.append({"group": group, "method": g["method"].iloc[0],
+                     "best config": ", ".join(f"{k}={g[k].iloc[0]:g}" if isinstance(g[k].iloc[0], float)
+                                              else f"{k}={g[k].iloc[0]}" for k in params),
+                     "seeds": len(g), "val acc": report.pct_mean_std(g["val_acc"]),
+                     "test acc": report.pct_mean_std(g["test_acc"]),
+                     "ensemble acc": report.DASH if single else report.pct_mean_std(g["ensemble_test_acc"])})
+    return pd.DataFrame(rows)
+
+
+def plot_heatmap(search_rows: pd.DataFrame, x: str, y: str, path: Path) -> bool:
+    """Validation accuracy over two hyperparameters (mean over seeds, best over the others)."""
+    if not {x, y} <= set(search_rows.columns) or search_rows[[x, y]].isna().any().any():
+        return False
+    done = search_rows[search_rows["status"] == "finished"]
+    others = [c for c in done.columns if c not in RESULT_COLUMNS + ["path", x, y] and done[c].notna().any()]
+    means = done.groupby([x, y] + others, dropna=False)["val_acc"].mean().reset_index()
+    table = means.groupby([y, x])["val_acc"].max().unstack(x)
+    if table.empty:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(table.values * 100, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(table.columns)), [f"{v:g}" for v in table.columns])
+    ax.set_yticks(range(len(table.index)), [f"{v:g}" for v in table.index])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    for (i, j), v in np.ndenumerate(table.values):
+        if not math.isnan(v):
+            ax.text(j, i, f"{v * 100:.1f}", ha="center", va="center", color="w")
+    fig.colorbar(im, ax=ax, label="validation accuracy (%)")
+    ax.set_title(f"{search_rows['group'].iloc[0]}: validation accuracy")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def write_report(folder: Path, results: pd.DataFrame) -> tuple[str, list[Path]]:
+    """`tune.md` (the final table), heatmaps per group, curves of the re-runs."""
+    table = report.to_markdown(final_table(results))
+    (folder / "tune.md").write_text(table)
+    written = []
+    for group, g in results[results["phase"] == "search"].groupby("group", sort=False):
+        path = folder / f"heatmap_{group}.png"
+        if plot_heatmap(g, "optim.weight_decay", "codistill.alpha", path) or \
+                plot_heatmap(g, "optim.weight_decay", "optim.lr", path):
+            written.append(path)
+    final_dirs = [Path(p) for p in results.loc[results["phase"] == "final", "path"].dropna()]
+    if final_dirs:
+        written += report.plot_curves(report.load_metrics(final_dirs), folder)
+    return table, written

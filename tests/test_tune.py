@@ -1,0 +1,65 @@
+"""A tiny Ray Tune search on the real local Ray: trials run whole experiments; re-runs; report."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from ray_codistill.config import load_config
+from ray_codistill.errors import ConfigError
+from ray_codistill.tune import load_space, search
+
+from conftest import CONFIGS, ROOT
+
+SPACE = """
+seeds: [0]
+final_seeds: [0, 1]
+groups:
+  codistill:
+    method: codistill
+    params:
+      codistill.alpha: {grid: [0.5, 1.0]}
+      optim.weight_decay: {grid: [0.0, 1.0e-3]}
+  allreduce:
+    method: allreduce
+    params:
+      optim.lr: {grid: [0.01]}
+"""
+
+
+def test_tiny_search(ray_cluster, tmp_path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(SPACE)
+    cfg = load_config(CONFIGS / "smoke.yaml", ["steps=100", "eval_every=50", "codistill.probe_every=50"],
+                      name="tiny", storage_path=str(tmp_path))
+    table, folder = search(cfg, load_space(space_file, cfg))
+    results = pd.read_parquet(folder / "tune.parquet")
+    search_rows = results[results["phase"] == "search"]
+    assert len(search_rows) == 4 + 1  # one row per trial: 2 x 2 codistill, 1 allreduce
+    assert len(results[results["phase"] == "final"]) == 2 + 2  # best of each group x 2 seeds
+    assert (results["status"] == "finished").all()
+    assert results["val_acc"].between(0, 1).all() and results["test_acc"].between(0, 1).all()
+    codistill = search_rows[search_rows["group"] == "codistill"]
+    assert sorted(zip(codistill["codistill.alpha"], codistill["optim.weight_decay"])) == \
+        [(0.5, 0.0), (0.5, 1e-3), (1.0, 0.0), (1.0, 1e-3)]
+    # the re-runs use the configuration with the best validation accuracy, and the final seeds
+    best = codistill.loc[codistill["val_acc"].idxmax()]
+    final = results[(results["phase"] == "final") & (results["group"] == "codistill")]
+    assert (final["codistill.alpha"] == best["codistill.alpha"]).all()
+    assert sorted(final["seed"]) == [0, 1]
+    assert "| codistill |" in table and "| allreduce |" in table
+    for name in ("tune.md", "heatmap_codistill.png", "val_acc.png", "train_loss.png"):
+        assert (folder / name).stat().st_size > 0
+
+
+def test_space_files_are_checked(tmp_path):
+    cfg = load_config(CONFIGS / "mnist1d.yaml")
+    for name in ("regularization.yaml", "staleness.yaml"):
+        assert load_space(ROOT / "tuning" / "spaces" / name, cfg).groups
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("groups: {codistill: {params: {codistill.alfa: {grid: [1]}}}}")
+    with pytest.raises(ConfigError, match="codistill.alfa"):
+        load_space(bad, cfg)
+    bad.write_text("groups: {codistill: {params: {codistill.alpha: {gird: [1]}}}}")
+    with pytest.raises(ConfigError, match="grid"):
+        load_space(bad, cfg)
