@@ -290,9 +290,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # -- loop ------------------------------------------------------------------------------------
     def new_window() -> dict:
-        return {"loss": 0.0, "ce": 0.0, "distill": 0.0, "ages": [], "hits": 0, "seen": 0, "n": 0, "time": 0.0}
+        # losses stay tensors until a row is written: a .item() per step would sync a GPU every step
+        return {"loss": 0.0, "ce": 0.0, "distill": 0.0, "hits": 0, "ages": [], "seen": 0, "n": 0, "time": 0.0}
 
-    win, started = new_window(), time.perf_counter()
+    win, started, last_val = new_window(), time.perf_counter(), None
     model.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -317,12 +318,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         win["n"] += 1
         win["seen"] += y.numel()
-        win["loss"] += loss.item()
-        win["ce"] += ce.item()
-        win["distill"] += distill.item()
+        win["loss"] += loss.detach()
+        win["ce"] += ce.detach()
+        win["distill"] += distill.detach()
         if teacher is not None:
-            win["hits"] += int(teacher[1].sum().item())
-            win["ages"].extend(np.asarray(teacher[2]).tolist())
+            win["hits"] += teacher[1].sum()
+            win["ages"].append(np.asarray(teacher[2]))
 
         done = step + 1
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
@@ -330,17 +331,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if exchange is not None:
                 exchange.flush()
             if rank == 0:
-                row = {"step": done, "train/loss": win["loss"] / win["n"], "train/ce": win["ce"] / win["n"],
-                       "train/distill": win["distill"] / win["n"], "distill/alpha": alpha,
-                       "distill/hit_rate": win["hits"] / win["seen"] if exchange is not None else None,
-                       "distill/teacher_age": float(np.mean(win["ages"])) if win["ages"] else None,
+                ages = np.concatenate(win["ages"]) if win["ages"] else np.zeros(0)
+                n = win["n"]
+                row = {"step": done, "train/loss": float(win["loss"]) / n, "train/ce": float(win["ce"]) / n,
+                       "train/distill": float(win["distill"]) / n, "distill/alpha": alpha,
+                       "distill/hit_rate": float(win["hits"]) / win["seen"] if exchange is not None else None,
+                       "distill/teacher_age": float(ages.mean()) if ages.size else None,
                        # evaluation time stays out of throughput
                        "perf/samples_per_s": win["seen"] * world / win["time"],
                        "comm/allreduce_bytes": counter.bytes * world,
                        "lr": scheduler.get_last_lr()[0], "time_s": time.perf_counter() - started}
                 if is_eval:
-                    val = evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
-                    row["val/acc"], row["val/loss"] = val["acc"], val["loss"]
+                    last_val = evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
+                    row["val/acc"], row["val/loss"] = last_val["acc"], last_val["loss"]
                 client.send("log", [row])
             win = new_window()
         if probe is not None and (done % cc.probe_every == 0 or done == cfg.steps):
@@ -354,7 +357,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # -- final figures: validation for selection, test for the record ------------------------------
     result = {"replica": replica, "steps": cfg.steps}
     if rank == 0:
-        val = evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
+        val = last_val if start < cfg.steps else evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
         test = evaluate(unwrap(model), splits.test, cfg.eval_batch_size, device, want_probs=True)
         result.update(val_acc=val["acc"], val_loss=val["loss"], test_acc=test["acc"], test_loss=test["loss"],
                       allreduce_bytes=counter.bytes * world)

@@ -31,25 +31,27 @@ def get_stats(name: str, address: str | None = None, timeout_s: float = 10.0) ->
         raise StatsError(f"the broker of {name!r} did not answer: {type(err).__name__}") from err
 
 
-def _fmt(value, spec: str = ".3f") -> str:
-    if value is None:
-        return "-"
-    return format(value, spec) if isinstance(value, float) else str(value)
+def _fmt(value, spec: str, width: int) -> str:
+    text = "-" if value is None else (format(value, spec) if isinstance(value, (int, float)) else str(value))
+    return text.rjust(width)
+
+
+COLUMNS = "replica   step    loss     val   probe  samples/s    hits  age p50/p95/max   MB in/out  rejected  workers"
 
 
 def format_stats(stats: dict) -> str:
     """A readable table of the broker's figures."""
     lines = [f"experiment {stats['experiment']} ({stats['method']}, {stats['status']}, "
-             f"up {stats['uptime_s']:.0f}s, {stats['probe_rounds']} probe rounds)",
-             "replica  step  loss    val    probe  samples/s  hits    age p50/p95/max  MB in/out  rejected  workers"]
+             f"up {stats['uptime_s']:.0f}s, {stats['probe_rounds']} probe rounds)", COLUMNS]
     for r, s in stats["replicas"].items():
-        age = "/".join(_fmt(s[k], ".0f") for k in ("age_p50", "age_p95", "age_max"))
+        age = "/".join("-" if s[k] is None else f"{s[k]:.0f}" for k in ("age_p50", "age_p95", "age_max"))
         workers = ",".join(f"{w['pid']}@{w['host']}" for w in s["workers"].values()) or "-"
-        lines.append(f"{r:>7}  {s['step']:>4}  {_fmt(s['train_loss'])}  {_fmt(s['val_acc'])}  "
-                     f"{_fmt(s['probe_acc'])}  {_fmt(s['samples_per_s'], '9.0f')}  "
-                     f"{_fmt(s['hit_rate'], '6.1%')}  {age:>15}  "
-                     f"{s['bytes_in'] / 1e6:.1f}/{s['bytes_out'] / 1e6:.1f}  "
-                     f"{sum(s['rejected'].values()):>8}  {workers}")
+        step = s["step"] if s["step"] >= 0 else None
+        lines.append(
+            f"{r:>7} {_fmt(step, 'd', 6)} {_fmt(s['train_loss'], '.3f', 7)} {_fmt(s['val_acc'], '.3f', 7)} "
+            f"{_fmt(s['probe_acc'], '.3f', 7)} {_fmt(s['samples_per_s'], '.0f', 10)} {_fmt(s['hit_rate'], '.1%', 7)} "
+            f"{age:>15} {s['bytes_in'] / 1e6:>5.1f}/{s['bytes_out'] / 1e6:<5.1f} "
+            f"{sum(s['rejected'].values()):>9}  {workers}")
     div = stats.get("divergence")
     if div:
         lines.append(f"divergence at step {div['step']} (probe set), ensemble acc {div['ensemble_acc']:.3f}:")

@@ -198,7 +198,8 @@ def _best(rows: pd.DataFrame, group: Group) -> dict:
         return {}
     means = done.groupby(keys, dropna=False)["val_acc"].mean()
     best = means.idxmax()
-    return dict(zip(keys, best if isinstance(best, tuple) else (best,)))
+    values = best if isinstance(best, tuple) else (best,)
+    return {k: v.item() if hasattr(v, "item") else v for k, v in zip(keys, values)}  # numpy -> Python
 
 
 # -- report --------------------------------------------------------------------------------------
