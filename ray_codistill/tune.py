@@ -10,6 +10,7 @@ figures in the final table come from the re-runs alone.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from ray_codistill.launcher import say, write_parquet
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 RESULT_COLUMNS = ["phase", "group", "method", "trial", "experiment", "seed", "status", "step", "val_acc",
-                  "test_acc", "ensemble_test_acc", "wall_time_s"]
+                  "test_acc", "ensemble_test_acc", "wall_time_s", "params"]
 
 
 @dataclass
@@ -154,6 +155,8 @@ def _tune(base: ExperimentConfig, group: Group, param_space: dict, phase: str, f
                      ("stopped early" if res.error is None else f"failed: {type(res.error).__name__}"),
                      "step": m.get("step"), "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"),
                      "ensemble_test_acc": m.get("ensemble_test_acc"), "wall_time_s": m.get("wall_time_s"),
+                     # the exact values (pandas turns an int column holding a null into floats)
+                     "params": json.dumps({k: v for k, v in cfg.items() if k != "seed"}, sort_keys=True),
                      **{k: v for k, v in cfg.items() if k != "seed"}})
     return pd.DataFrame(rows)
 
@@ -193,13 +196,7 @@ def _best(rows: pd.DataFrame, group: Group) -> dict:
     done = rows[rows["status"] == "finished"]
     if done.empty:
         raise launcher.RunError(f"tune {group.name}: no search trial finished; see the Tune output above")
-    keys = list(group.params)
-    if not keys:
-        return {}
-    means = done.groupby(keys, dropna=False)["val_acc"].mean()
-    best = means.idxmax()
-    values = best if isinstance(best, tuple) else (best,)
-    return {k: v.item() if hasattr(v, "item") else v for k, v in zip(keys, values)}  # numpy -> Python
+    return json.loads(done.groupby("params")["val_acc"].mean().idxmax())
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -209,11 +206,11 @@ def final_table(results: pd.DataFrame) -> pd.DataFrame:
     final = results[(results["phase"] == "final") & (results["status"] == "finished")]
     rows = []
     for group, g in final.groupby("group", sort=False):
-        params = [c for c in g.columns if c not in RESULT_COLUMNS + ["path"] and g[c].notna().any()]
+        params = json.loads(g["params"].iloc[0])
         single = (g["method"] == "allreduce").all()
         rows.append({"group": group, "method": g["method"].iloc[0],
-                     "best config": ", ".join(f"{k}={g[k].iloc[0]:g}" if isinstance(g[k].iloc[0], float)
-                                              else f"{k}={g[k].iloc[0]}" for k in params),
+                     "best config": ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in params.items()),
                      "seeds": len(g), "val acc": report.pct_mean_std(g["val_acc"]),
                      "test acc": report.pct_mean_std(g["test_acc"]),
                      "ensemble acc": report.DASH if single else report.pct_mean_std(g["ensemble_test_acc"])})

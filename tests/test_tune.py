@@ -63,3 +63,15 @@ def test_space_files_are_checked(tmp_path):
     bad.write_text("groups: {codistill: {params: {codistill.alpha: {gird: [1]}}}}")
     with pytest.raises(ConfigError, match="grid"):
         load_space(bad, cfg)
+
+
+def test_best_keeps_exact_values():
+    # a grid over [null, 20] is a float column in pandas; the re-runs must get None and 20 back
+    from ray_codistill.tune import Group, _best
+    rows = pd.DataFrame({"status": ["finished"] * 4, "val_acc": [0.9, 0.8, 0.7, 0.95],
+                         "params": ['{"codistill.max_staleness": null}', '{"codistill.max_staleness": 20}',
+                                    '{"codistill.max_staleness": 20}', '{"codistill.max_staleness": null}']})
+    assert _best(rows, Group("logits", "codistill")) == {"codistill.max_staleness": None}
+    rows["val_acc"] = [0.1, 0.9, 0.9, 0.1]
+    best = _best(rows, Group("logits", "codistill"))
+    assert best == {"codistill.max_staleness": 20} and isinstance(best["codistill.max_staleness"], int)
