@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,8 +174,10 @@ def search(base: ExperimentConfig, space: SearchSpace, samples: int = 1, schedul
     if samples < 1:
         raise ConfigError(f"samples: got {samples}, must be >= 1")
     folder = (Path(base.storage_path) / base.name).resolve()
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise ConfigError(f"name: search folder {folder} exists already; pick another name or pass --overwrite")
+    if folder.exists() and any(folder.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"name: search folder {folder} exists already; pick another name or pass --overwrite")
+        shutil.rmtree(folder)
     connect(address)
     frames = []
     for group in space.groups:
