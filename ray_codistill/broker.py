@@ -4,7 +4,10 @@ The broker owns everything replicas share without ever waiting on each other:
 - `logits` exchange: per replica, the latest float16 logits of every training sample and the
   replica step they came from; `fetch` answers with the mean over peers, a mask and the age;
 - `weights` exchange: per replica, the object reference of its latest CPU state dict;
-- exchange counters (publications, fetches, hits, misses, teacher age, bytes in and out);
+- exchange counters (publications, fetches, hits, misses, teacher age, bytes in and out, and
+  publications rejected by reason: shape, dtype, index range, non-finite values);
+- the divergence probe rounds (`divergence.ProbeRounds`), `stats()` for live queries, and the
+  same figures as Ray metrics;
 - the per-step metric rows of every replica (Ray Train keeps only rows reported with a
   checkpoint, so the history is collected here) and each replica's final predictions.
 

@@ -172,9 +172,9 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     `on_progress(progress)`, if given, is called from this thread with the newest metric row of
     each replica (`{replica: row}`) at every progress poll (Tune trials report through it).
     """
-    folder = prepare_folder(cfg, overwrite)
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data)  # data and model first: a refused run must not touch old results
     check_model(cfg.model, splits.input_shape, splits.num_classes)
+    folder = prepare_folder(cfg, overwrite)
     connect(address)
     check_resources(cfg)
     say(f"experiment {cfg.name}: {cfg.method}, {cfg.num_models} model(s) x {cfg.workers_per_model} worker(s), "
