@@ -23,7 +23,7 @@ groups:
   allreduce:
     method: allreduce
     params:
-      optim.lr: {grid: [0.01]}
+      optim.lr: {loguniform: [0.002, 0.005]}
 """
 
 
@@ -32,10 +32,13 @@ def test_tiny_search(ray_cluster, tmp_path):
     space_file.write_text(SPACE)
     cfg = load_config(CONFIGS / "smoke.yaml", ["steps=100", "eval_every=50", "codistill.probe_every=50"],
                       name="tiny", storage_path=str(tmp_path))
-    table, folder = search(cfg, load_space(space_file, cfg))
+    # ASHA only wires up here: a smoke run ends before its first intermediate report
+    table, folder = search(cfg, load_space(space_file, cfg), scheduler="asha")
     results = pd.read_parquet(folder / "tune.parquet")
     search_rows = results[results["phase"] == "search"]
-    assert len(search_rows) == 4 + 1  # one row per trial: 2 x 2 codistill, 1 allreduce
+    assert len(search_rows) == 4 + 1  # one row per trial: 2 x 2 codistill grid, 1 allreduce random draw
+    drawn = search_rows.loc[search_rows["group"] == "allreduce", "optim.lr"].iloc[0]
+    assert 0.002 <= drawn <= 0.005 and drawn != cfg.optim.lr
     assert len(results[results["phase"] == "final"]) == 2 + 2  # best of each group x 2 seeds
     assert (results["status"] == "finished").all()
     assert results["val_acc"].between(0, 1).all() and results["test_acc"].between(0, 1).all()
