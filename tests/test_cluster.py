@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def _start_head() -> tuple[subprocess.Popen, dict, str]:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     return proc, {"gcs": f"127.0.0.1:{ports['port']}", "dashboard": f"http://127.0.0.1:{ports['dashboard-port']}",
-                  "env": env}, temp_dir
+                  "metrics": f"http://127.0.0.1:{ports['metrics-export-port']}/metrics", "env": env}, temp_dir
 
 
 def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
@@ -113,7 +114,7 @@ def test_compare_job_succeeds_and_is_queryable(head, tmp_path):
     storage = tmp_path / "results"
     job = client.submit_job(
         entrypoint=f"{sys.executable} jobs/compare.py configs/smoke.yaml --methods codistill --seeds 0 "
-                   f"--set steps=8000 --set log_every=50 --storage {storage}",
+                   f"--set steps=20000 --set log_every=50 --storage {storage}",
         runtime_env={"working_dir": str(ROOT)},
     )
     # while the job trains, its broker answers `ray-codistill stats --address` like any client's
@@ -128,13 +129,22 @@ def test_compare_job_succeeds_and_is_queryable(head, tmp_path):
         elif client.get_job_status(job) in (JobStatus.SUCCEEDED, JobStatus.FAILED):
             break
         time.sleep(1)
+    # the broker's figures reach Prometheus through the node's metrics agent
+    exported, deadline = "", time.monotonic() + 60
+    while "ray_codistill_teacher_hit_rate" not in exported and time.monotonic() < deadline:
+        try:
+            exported = urllib.request.urlopen(head["metrics"], timeout=5).read().decode()
+        except OSError:
+            pass
+        time.sleep(2)
     status = _wait(client, job)
     logs = client.get_job_logs(job)
+    assert 'ray_codistill_teacher_hit_rate{' in exported and 'experiment="smoke-codistill-s0"' in exported
     assert status == JobStatus.SUCCEEDED, logs
     assert stats is not None and stats["experiment"] == "smoke-codistill-s0"
     assert f"results: {storage / 'smoke'}" in logs
     summary = json.loads((storage / "smoke" / "smoke-codistill-s0" / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["replicas"][0]["steps"] == 8000
+    assert summary["status"] == "finished" and summary["replicas"][0]["steps"] == 20000
     assert (storage / "smoke" / "comparison.parquet").is_file()
 
 
