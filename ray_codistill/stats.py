@@ -8,6 +8,8 @@ the answer is documented in README.md ("Watching a run").
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 
 import ray
@@ -61,8 +63,19 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def _stdout_for_json():
+    """A stream on the real stdout for the JSON alone; everything else written to file descriptor
+    1 from now on (Ray's own messages, from Python or C++, until exit) goes to stderr instead."""
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return out
+
+
 def show(name: str, address: str | None = None, as_json: bool = False, watch_s: float | None = None) -> int:
-    """Print the figures once, or every `watch_s` seconds until the run ends."""
+    """Print the figures once, or every `watch_s` seconds until the run ends (with `as_json`,
+    one JSON document per line)."""
+    out = _stdout_for_json() if as_json else sys.stdout
     seen = False
     while True:
         try:
@@ -70,10 +83,11 @@ def show(name: str, address: str | None = None, as_json: bool = False, watch_s: 
         except StatsError:
             if watch_s is None or not seen:
                 raise
-            print(f"experiment {name} has ended (its broker is gone)", flush=True)
+            print(f"experiment {name} has ended (its broker is gone)", file=sys.stderr if as_json else out,
+                  flush=True)
             return 0
         seen = True
-        print(json.dumps(stats, default=str) if as_json else format_stats(stats), flush=True)
+        print(json.dumps(stats, default=str) if as_json else format_stats(stats), file=out, flush=True)
         if watch_s is None or stats["status"] != "running":
             return 0
         time.sleep(watch_s)
