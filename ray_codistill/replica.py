@@ -61,7 +61,8 @@ class LogitsTeacher:
     """Peers' stored logits for our batches, `chunk` batches per broker call, one chunk ahead.
 
     While the steps of one chunk train, the teachers of the next chunk are in flight, so a step
-    never waits on the broker; our own logits are sent `chunk` batches at a time, fire-and-forget.
+    seldom waits on the broker (at most `fetch_timeout_s`, when the cache runs out); our own logits
+    are sent `chunk` batches at a time, fire-and-forget.
     Fewer, larger calls keep Ray's per-call cost off the training step.
     """
 
@@ -153,7 +154,10 @@ class WeightsTeacher:
         if self.pending is not None and ray.wait([self.pending], timeout=0)[0]:
             answer, self.pending = self.client.resolve(self.pending), None
             self._load(answer or {}, step)
-        if self.pending is None and (step % self.every == 0 or not self.peers):
+        # poll every `every` steps; before the first teacher arrives, ten times as often (not every
+        # step: that was an actor call per step on the training path for nothing)
+        poll_every = self.every if self.peers else max(1, self.every // 10)
+        if self.pending is None and step % poll_every == 0:
             self.pending = self.client.fetch_weights_async()
         if not self.peers:
             self.tally["misses"] += x.shape[0]
