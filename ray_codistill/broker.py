@@ -9,16 +9,28 @@ The broker owns everything replicas share without ever waiting on each other:
 - the divergence probe rounds (`divergence.ProbeRounds`), `stats()` for live queries, and the
   same figures as Ray metrics;
 - the per-step metric rows of every replica (Ray Train keeps only rows reported with a
-  checkpoint, so the history is collected here) and each replica's final predictions.
+  checkpoint, so the history is collected here), each replica's final predictions, and the
+  events of the run (starts, restarts from a checkpoint, resumes).
 
 It is a plain actor whose methods are cheap numpy work, so one thread serves all workers in call
 order. Workers reach it by name (`get_broker`); the driver creates it (`start_broker`).
+
+Reliability:
+- every call from a worker carries the experiment's secret token, issued at start and given only
+  to the experiment's own workers: another job on the cluster cannot inject teachers. Bad input
+  (wrong token or replica id, shapes, dtypes, index range, non-finite values, steps going back)
+  is counted per reason and never stored or served;
+- Ray restarts a killed broker (`max_restarts=-1`) and retries the calls it lost; the new instance
+  reloads its rows, counters and divergence history from `<experiment>/broker/` (`journal.py`);
+- a replica restarted from its checkpoint at step S registers again: its rows after S are dropped
+  (they will be logged again), so the metrics have neither gaps nor duplicated steps.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from typing import Any
 
@@ -26,6 +38,7 @@ import numpy as np
 import ray
 
 from ray_codistill.divergence import ProbeRounds
+from ray_codistill.journal import Journal
 
 NAMESPACE = "ray_codistill"
 STATS_SCHEMA = "ray_codistill.stats/1"
@@ -120,32 +133,76 @@ class Broker:
 
     def __init__(self, experiment: str, num_replicas: int, num_train: int,
                  max_staleness: int | None = None, method: str = "codistill",
-                 probe_labels: np.ndarray | None = None) -> None:
+                 probe_labels: np.ndarray | None = None, token: str = "", folder: str | None = None) -> None:
         self.experiment = experiment
         self.method = method
         self.num_replicas = num_replicas
         self.num_train = num_train
         self.max_staleness = max_staleness
+        self._token = token
         self.started = time.time()
         self.counters = [_Counters() for _ in range(num_replicas)]
         self.latest_step = np.full(num_replicas, -1, dtype=np.int64)  # newest step each replica published
+        self._floor: dict[tuple[int, int], int] = {}  # (replica, rank) -> newest step it published
         # logits store, allocated on the first publication (the class count comes with it)
         self._logits: list[np.ndarray | None] = [None] * num_replicas
         self._sample_step = [np.full(num_train, -1, dtype=np.int64) for _ in range(num_replicas)]
         # weights store: replica -> (step, [ObjectRef]); the list keeps Ray from resolving the ref
         self._weights: dict[int, tuple[int, list]] = {}
-        self._rows: list[dict] = []
+        self._rows: dict[tuple[int, int], dict] = {}  # (replica, step) -> row
         self._progress: dict[int, dict] = {}
         self._workers: dict[int, dict[int, dict]] = {}
+        self._events: list[dict] = []
+        self._unknown_rejected = 0  # calls that named no replica of this experiment
         self._final: dict[int, dict] = {}
         self.rounds = ProbeRounds(num_replicas, probe_labels) if probe_labels is not None else None
         self.status = "running"
+        self.journal = Journal(folder) if folder else None
+        if self.journal is not None:
+            self._reload()
         self.metrics = BrokerMetrics(experiment)
 
+    # -- what survives a restart ------------------------------------------------------------------
+    _DURABLE = ("counters", "latest_step", "_floor", "_progress", "_workers", "_events", "rounds")
+
+    def _reload(self) -> None:
+        self._rows = self.journal.load_rows()
+        self._final = self.journal.load_final()
+        state = self.journal.load_state()
+        if state is not None:
+            for key in self._DURABLE:
+                setattr(self, key, state[key])
+            self.started = state["started"]
+            self._event(-1, "broker_restarted", None)
+
+    def _save(self, force: bool = False) -> None:
+        if self.journal is not None:
+            self.journal.snapshot(lambda: {"started": self.started, **{k: getattr(self, k) for k in self._DURABLE}},
+                                  force)
+
+    def _event(self, replica: int, event: str, step: int | None, **info) -> None:
+        self._events.append({"time": time.time(), "replica": replica, "event": event, "step": step, **info})
+        self._save(force=True)
+
+    def _refuse(self, replica: int, token: str) -> str | None:
+        """Why a worker's call is refused: an unknown replica id or a wrong experiment token."""
+        if not isinstance(replica, (int, np.integer)) or not 0 <= replica < self.num_replicas:
+            self._unknown_rejected += 1
+            return "replica"
+        if not secrets.compare_digest(str(token), self._token):
+            self.counters[replica].reject("token")
+            return "token"
+        return None
+
     # -- logits exchange ------------------------------------------------------------------------
-    def publish(self, replica: int, step: int | np.ndarray, indices: np.ndarray, logits: np.ndarray) -> None:
+    def publish(self, replica: int, token: str, rank: int, step: int | np.ndarray, indices: np.ndarray,
+                logits: np.ndarray) -> None:
         """Store logits of samples (one or several batches; `step` per sample or for all)."""
-        reason = self._invalid(replica, indices, logits)
+        if self._refuse(replica, token):
+            return
+        sent = np.asarray(step)
+        step = np.broadcast_to(sent, np.shape(indices))
+        reason = self._invalid(replica, rank, step, indices, logits)
         if reason:
             self.counters[replica].reject(reason)
             return
@@ -154,16 +211,23 @@ class Broker:
             store = self._logits[replica] = np.zeros((self.num_train, logits.shape[1]), dtype=np.float16)
         store[indices] = logits
         self._sample_step[replica][indices] = step
-        self.latest_step[replica] = max(self.latest_step[replica], int(np.max(step)))
+        if step.size:
+            self._floor[(replica, rank)] = int(step[-1])
+            self.latest_step[replica] = max(self.latest_step[replica], int(step[-1]))
         c = self.counters[replica]
         c.publications += 1
-        c.bytes_in += indices.nbytes + logits.nbytes + np.asarray(step).nbytes
+        c.bytes_in += indices.nbytes + logits.nbytes + sent.nbytes
+        self._save()
 
-    def _invalid(self, replica: int, indices: np.ndarray, logits: np.ndarray) -> str | None:
+    def _invalid(self, replica: int, rank: int, step: np.ndarray, indices: np.ndarray,
+                 logits: np.ndarray) -> str | None:
         """Why a publication must not be stored and served, or None when it is fine."""
+        if not all(isinstance(a, np.ndarray) for a in (indices, logits)):
+            return "dtype"
         if logits.ndim != 2 or indices.ndim != 1 or len(indices) != len(logits):
             return "shape"
-        if not np.issubdtype(indices.dtype, np.integer) or not np.issubdtype(logits.dtype, np.floating):
+        if (not np.issubdtype(indices.dtype, np.integer) or not np.issubdtype(logits.dtype, np.floating)
+                or not np.issubdtype(step.dtype, np.integer)):
             return "dtype"
         if len(indices) and (indices.min() < 0 or indices.max() >= self.num_train):
             return "index_range"
@@ -172,15 +236,22 @@ class Broker:
             return "shape"
         if not np.isfinite(logits).all():
             return "non_finite"
+        # steps never go back: within a publication, nor behind what the same worker sent before
+        if step.size and (np.any(np.diff(step) < 0) or step[0] < self._floor.get((replica, rank), -1)):
+            return "step"
         return None
 
-    def fetch(self, replica: int, indices: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    def fetch(self, replica: int, token: str, indices: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """Mean peer logits for `indices`, a mask of samples that have a teacher, and its age.
 
-        The logits are None when no peer has published anything yet.
+        The logits are None when no peer has published anything yet (or the call is refused).
         Age is counted in the teacher's own steps (its newest step minus the step the stored
         logits came from), averaged over the peers that answer for the sample; -1 where masked.
         """
+        indices = np.asarray(indices)
+        if self._refuse(replica, token) or indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) \
+                or (indices.size and (indices.min() < 0 or indices.max() >= self.num_train)):
+            return None, np.zeros(indices.size, dtype=bool), np.full(indices.size, -1, dtype=np.int32)
         total = None
         count = np.zeros(indices.size, dtype=np.int64)
         age_sum = np.zeros(indices.size, dtype=np.int64)
@@ -212,60 +283,103 @@ class Broker:
         return teacher, mask, age
 
     # -- weights exchange -----------------------------------------------------------------------
-    def put_weights(self, replica: int, step: int, ref: list, nbytes: int) -> None:
-        """Keep only the newest state dict of a replica (`ref` is `[ObjectRef]`)."""
+    def put_weights(self, replica: int, token: str, step: int, ref: list, nbytes: int) -> None:
+        """Keep only the newest state dict of a replica (`ref` is `[ObjectRef]`); the worker
+        checked that its values are finite before it published them."""
+        if self._refuse(replica, token):
+            return
+        if step < self._floor.get((replica, 0), -1):
+            self.counters[replica].reject("step")
+            return
+        self._floor[(replica, 0)] = step
         self._weights[replica] = (step, ref)
         self.latest_step[replica] = max(self.latest_step[replica], step)
         c = self.counters[replica]
         c.publications += 1
         c.bytes_in += nbytes
+        self._save()
 
-    def get_weights(self, replica: int) -> dict[int, tuple[int, int, list]]:
+    def get_weights(self, replica: int, token: str) -> dict[int, tuple[int, int, list]]:
         """Peers' newest weights: peer -> (weights step, peer's newest step, [ObjectRef])."""
+        if self._refuse(replica, token):
+            return {}
         self.counters[replica].fetches += 1
         return {peer: (step, int(self.latest_step[peer]), ref)
                 for peer, (step, ref) in self._weights.items() if peer != replica}
 
-    def record_teacher(self, replica: int, hits: int, misses: int, ages: np.ndarray, bytes_out: int) -> None:
+    def record_teacher(self, replica: int, token: str, hits: int, misses: int, ages: np.ndarray,
+                       bytes_out: int) -> None:
         """Weights mode: workers count their own teacher hits, ages and loaded bytes."""
+        if self._refuse(replica, token):
+            return
         c = self.counters[replica]
         c.hits += hits
         c.misses += misses
         c.add_ages(np.asarray(ages, dtype=np.int64))
         c.bytes_out += bytes_out
 
-    # -- progress, history, results -------------------------------------------------------------
-    def register_worker(self, replica: int, rank: int, info: dict) -> None:
-        self._workers.setdefault(replica, {})[rank] = info
+    # -- workers, restarts, history, results -----------------------------------------------------
+    def register_worker(self, replica: int, token: str, rank: int, info: dict, start_step: int = 0) -> None:
+        """A worker (re)started at `start_step`. Rank 0 coming back to a replica that was already
+        up is a restart from a checkpoint: the replica's rows after `start_step` are dropped (they
+        are logged again) and its stored logits count as `start_step` old from now on."""
+        if self._refuse(replica, token):
+            return
+        restarted = rank in self._workers.get(replica, {})
+        self._workers.setdefault(replica, {})[rank] = {**info, "start_step": start_step}
+        self._floor[(replica, rank)] = start_step
+        if rank != 0:
+            return
+        if restarted:
+            dropped = [key for key in self._rows if key[0] == replica and key[1] > start_step]
+            for key in dropped:
+                del self._rows[key]
+            if dropped and self.journal is not None:
+                self.journal.rewrite_rows(self.rows())
+            self.latest_step[replica] = start_step
+            np.minimum(self._sample_step[replica], start_step, out=self._sample_step[replica])
+            self._floor = {k: v for k, v in self._floor.items() if k[0] != replica or k[1] == rank}
+        self._event(replica, "restarted" if restarted else "started", start_step, pid=info.get("pid"))
 
-    def replicas_up(self, replica: int) -> int:
+    def replicas_up(self, replica: int, token: str) -> int:
         """How many replicas have a registered worker (the start rendezvous polls this)."""
         return len(self._workers)
 
-    def log(self, replica: int, rows: list[dict]) -> None:
-        """Metric rows from rank 0 of a replica; the broker adds its byte count for the replica."""
+    def note(self, event: str, **info) -> None:
+        """An event of the driver's (e.g. `resumed`), kept with the run's timeline."""
+        self._event(-1, event, None, **info)
+
+    def log(self, replica: int, token: str, rows: list[dict]) -> None:
+        """Metric rows from rank 0 of a replica; the broker adds its byte count for the replica.
+        A row of a (replica, step) that arrives twice (a retried call) replaces the first."""
+        if self._refuse(replica, token):
+            return
         c = self.counters[replica]
         for row in rows:
             row["comm/bytes"] = c.bytes_in + c.bytes_out
             row["replica"] = replica
+            self._rows[(replica, row["step"])] = row
             # weights mode publishes rarely: rows keep the replica's newest step known for ages
             self.latest_step[replica] = max(self.latest_step[replica], row["step"])
-        self._rows.extend(rows)
         if rows:
+            if self.journal is not None:
+                self.journal.append_rows(rows)
             self._progress[replica] = {**self._progress.get(replica, {}), **{k: v for k, v in rows[-1].items()
                                                                           if v is not None}}
             self.metrics.replica(replica, int(self.latest_step[replica]), c.as_dict())
+            self._save()
 
-    def probe(self, replica: int, step: int, logits: np.ndarray) -> None:
+    def probe(self, replica: int, token: str, step: int, logits: np.ndarray) -> None:
         """A replica's logits on the probe set at `step`; completes a round when it is the last."""
-        if self.rounds is None:
+        if self.rounds is None or self._refuse(replica, token):
             return
         if logits.shape != (len(self.rounds.labels), logits.shape[-1]) or not np.isfinite(logits).all():
             self.counters[replica].reject("probe")
             return
         done = self.rounds.add(replica, step, logits.astype(np.float32))
-        if done is not None:
+        if done is not None:  # rounds are rare (every probe_every steps) and history: saved now
             self.metrics.divergence(done)
+            self._save(force=True)
 
     def divergence(self) -> list[dict]:
         """Every completed probe round, one row per pair of replicas."""
@@ -273,12 +387,22 @@ class Broker:
 
     def set_status(self, status: str) -> None:
         self.status = status
+        self._save(force=True)
 
-    def finish(self, replica: int, result: dict, test_probs: np.ndarray, test_labels: np.ndarray) -> None:
+    def finish(self, replica: int, token: str, result: dict, test_probs: np.ndarray, test_labels: np.ndarray) -> bool:
+        if self._refuse(replica, token):
+            return False
         self._final[replica] = {"result": result, "probs": test_probs, "labels": test_labels}
+        if self.journal is not None:
+            self.journal.save_final(replica, self._final[replica])
+        self._event(replica, "finished", result.get("steps"))
+        return True
 
     def rows(self) -> list[dict]:
-        return self._rows
+        return [self._rows[key] for key in sorted(self._rows)]
+
+    def events(self) -> list[dict]:
+        return self._events
 
     def final(self) -> dict[int, dict]:
         return self._final
@@ -296,6 +420,7 @@ class Broker:
                 "samples_per_s": p.get("perf/samples_per_s"), **self.counters[r].as_dict(),
                 "probe_acc": (self.rounds.latest or {}).get("probe_acc", {}).get(r) if self.rounds else None,
                 "workers": {str(k): v for k, v in self._workers.get(r, {}).items()},
+                "restarts": sum(1 for e in self._events if e["replica"] == r and e["event"] == "restarted"),
             }
         latest = self.rounds.latest if self.rounds else None
         return {
@@ -307,20 +432,37 @@ class Broker:
                 "pairs": [{k: p[k] for k in ("replica_a", "replica_b", "sym_kl", "disagreement", "l2")}
                           for p in latest["pairs"]]},
             "probe_rounds": len({row["step"] for row in self.rounds.history}) if self.rounds else 0,
+            "rejected_unknown_replica": self._unknown_rejected,
+            "events": self._events,
         }
 
     def ping(self) -> int:
         return os.getpid()
 
 
-RemoteBroker = ray.remote(num_cpus=0, max_concurrency=1)(Broker)
+# Ray restarts a killed broker and retries the calls it lost; a retried `log` replaces its rows
+RemoteBroker = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=-1, max_task_retries=-1)(Broker)
+
+
+def new_token() -> str:
+    """An experiment's secret: only workers given it can publish to, or read from, its broker."""
+    return secrets.token_hex(16)
 
 
 def start_broker(experiment: str, num_replicas: int, num_train: int, max_staleness: int | None = None,
-                 method: str = "codistill", probe_labels: np.ndarray | None = None):
-    """Create the named broker actor of an experiment (the driver's side)."""
-    handle = RemoteBroker.options(name=broker_name(experiment), namespace=NAMESPACE, lifetime=None).remote(
-        experiment, num_replicas, num_train, max_staleness, method, probe_labels)
+                 method: str = "codistill", probe_labels: np.ndarray | None = None, token: str = "",
+                 folder: str | None = None):
+    """Create the named broker actor of an experiment (the driver's side).
+
+    With `folder` (the experiment folder) it journals what it must not lose there and reloads it
+    when Ray restarts it; it is placed on the driver's node (softly: it may move if that node
+    dies), so on a cluster of several nodes the folder must be on storage every node can reach.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    handle = RemoteBroker.options(name=broker_name(experiment), namespace=NAMESPACE, lifetime=None,
+                                  scheduling_strategy=here).remote(
+        experiment, num_replicas, num_train, max_staleness, method, probe_labels, token, folder)
     ray.get(handle.ping.remote())
     return handle
 
@@ -333,26 +475,26 @@ def get_broker(experiment: str):
 class BrokerClient:
     """A worker's view of the broker: fire-and-forget publications, overlapped fetches.
 
-    A failed or late call never stops training: it means "no teacher this step" and is counted
-    as a miss by the caller.
+    Every call carries the replica id and the experiment token. A failed or late call never
+    stops training: it means "no teacher this step" and is counted as a miss by the caller.
     """
 
-    def __init__(self, experiment: str, replica: int, timeout_s: float) -> None:
-        self.replica = replica
+    def __init__(self, experiment: str, replica: int, timeout_s: float, token: str, rank: int = 0) -> None:
+        self.replica, self.rank, self.token = replica, rank, token
         self.timeout_s = timeout_s
         self.handle = get_broker(experiment)
         self.errors = 0
 
     def _call(self, method: str, *args: Any):
         try:
-            return getattr(self.handle, method).remote(self.replica, *args)
+            return getattr(self.handle, method).remote(self.replica, self.token, *args)
         except Exception as err:  # the actor may be gone; training goes on without it
             self.errors += 1
             log.warning("broker %s failed: %s", method, err)
             return None
 
-    def publish(self, step: int, indices: np.ndarray, logits: np.ndarray) -> None:
-        self._call("publish", step, indices, logits)
+    def publish(self, step: int | np.ndarray, indices: np.ndarray, logits: np.ndarray) -> None:
+        self._call("publish", self.rank, step, indices, logits)
 
     def fetch_async(self, indices: np.ndarray):
         return self._call("fetch", indices)
@@ -360,19 +502,19 @@ class BrokerClient:
     def fetch_weights_async(self):
         return self._call("get_weights")
 
-    def resolve(self, ref) -> Any | None:
+    def resolve(self, ref, timeout_s: float | None = None) -> Any | None:
         """The answer of an earlier async call, or None when it is late or failed."""
         if ref is None:
             return None
         try:
-            return ray.get(ref, timeout=self.timeout_s)
+            return ray.get(ref, timeout=self.timeout_s if timeout_s is None else timeout_s)
         except Exception as err:  # GetTimeoutError, RayActorError, ...
             self.errors += 1
             log.warning("broker answer missing: %s", type(err).__name__)
             return None
 
-    def call(self, method: str, *args: Any) -> Any | None:
-        return self.resolve(self._call(method, *args))
+    def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any | None:
+        return self.resolve(self._call(method, *args), timeout_s)
 
     def send(self, method: str, *args: Any) -> None:
         self._call(method, *args)

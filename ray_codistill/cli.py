@@ -10,8 +10,8 @@ import argparse
 import sys
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML preset, e.g. configs/mnist1d.yaml")
+def _config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("config", nargs="?" if optional else None, help="YAML preset, e.g. configs/mnist1d.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (dotted, e.g. codistill.alpha=0.5); repeatable")
     p.add_argument("--name", help="experiment name (default: the config's)")
@@ -25,7 +25,9 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="train one experiment")
-    _config_args(p)
+    _config_args(p, optional=True)
+    p.add_argument("--resume", metavar="NAME", help="continue experiment NAME (under --storage, default "
+                   "results) from its replicas' latest checkpoints, with the config it started with")
 
     p = sub.add_parser("compare", help="run each method and seed, then print a comparison table")
     _config_args(p)
@@ -57,8 +59,15 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
-    from ray_codistill.launcher import run
-    result = run(_load(args), address=args.address, overwrite=args.overwrite)
+    from ray_codistill.errors import ConfigError
+    from ray_codistill.launcher import load_resumable, run
+    if args.resume:
+        cfg = load_resumable(args.resume, args.storage or "results")
+        result = run(cfg, address=args.address, resume=True)
+    elif args.config is None:
+        raise ConfigError("run needs a config file, or --resume NAME")
+    else:
+        result = run(_load(args), address=args.address, overwrite=args.overwrite)
     print(f"results: {result.path}")
     return 0
 

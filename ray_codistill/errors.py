@@ -28,3 +28,8 @@ class StatsError(RuntimeError):
 
 class ClusterError(RuntimeError):
     """A Ray cluster that cannot be reached at the given address."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A replica's loss, logits or weights became NaN or infinite: it stops publishing and its
+    worker group restarts from the last checkpoint (raised inside a worker)."""

@@ -26,7 +26,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from ray_codistill.broker import start_broker
+from ray_codistill.broker import new_token, start_broker
 from ray_codistill.cluster import connect
 from ray_codistill.config import ConfigError, ExperimentConfig
 from ray_codistill.data import describe, eval_batches, load_splits, probe_split
@@ -118,6 +118,28 @@ def prepare_folder(cfg: ExperimentConfig, overwrite: bool) -> Path:
     return path
 
 
+CONFIG_FILE = "config.json"
+
+
+def resume_folder(cfg: ExperimentConfig) -> Path:
+    """The folder of an experiment to resume: it must hold the config its first run wrote."""
+    path = Path(cfg.storage_path).expanduser().resolve() / cfg.name
+    if not (path / CONFIG_FILE).exists():
+        raise ConfigError(f"name: no experiment to resume at {path} (no {CONFIG_FILE}); "
+                          f"check --name and --storage")
+    summary = path / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("status") == "finished":
+        raise ConfigError(f"name: experiment {cfg.name} at {path} has finished already; nothing to resume")
+    return path
+
+
+def load_resumable(name: str, storage_path: str) -> ExperimentConfig:
+    """The config an experiment started with (written by `run` before any worker starts)."""
+    cfg = ExperimentConfig(name=name, storage_path=storage_path)
+    raw = json.loads((resume_folder(cfg) / CONFIG_FILE).read_text())
+    return ExperimentConfig.from_dict({**raw, "storage_path": storage_path})
+
+
 def check_resources(cfg: ExperimentConfig) -> None:
     need_cpu = cfg.num_models * cfg.workers_per_model * cfg.cpus_per_worker
     have = ray.cluster_resources()
@@ -132,12 +154,12 @@ def check_resources(cfg: ExperimentConfig) -> None:
 
 # -- the run --------------------------------------------------------------------------------------
 
-def _trainer(cfg: ExperimentConfig, replica: int, splits_ref, folder: Path) -> TorchTrainer:
+def _trainer(cfg: ExperimentConfig, replica: int, splits_ref, folder: Path, token: str) -> TorchTrainer:
     run_name = f"{cfg.name}-allreduce" if cfg.method == "allreduce" else f"{cfg.name}-r{replica}"
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "replica": replica, "splits": splits_ref},
+        train_loop_config={"config": cfg.to_dict(), "replica": replica, "splits": splits_ref, "token": token},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers_per_model, use_gpu=cfg.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -166,17 +188,22 @@ def _progress_line(cfg: ExperimentConfig, progress: dict) -> str:
 
 
 def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = False,
-        progress_every_s: float = 10.0, on_progress=None) -> ExperimentResult:
+        progress_every_s: float = 10.0, on_progress=None, resume: bool = False) -> ExperimentResult:
     """Train one experiment to the end and write its result files; returns where they are.
 
     `on_progress(progress)`, if given, is called from this thread with the newest metric row of
     each replica (`{replica: row}`) at every progress poll (Tune trials report through it).
+    `resume=True` continues an experiment whose driver died: each replica restarts from its
+    latest checkpoint in the experiment folder, and the broker reloads the rows and counters it
+    had journalled there (rows after a replica's checkpoint are dropped and logged again).
     """
     splits = load_splits(cfg.data)  # data and model first: a refused run must not touch old results
     check_model(cfg.model, splits.input_shape, splits.num_classes)
-    folder = prepare_folder(cfg, overwrite)
+    folder = resume_folder(cfg) if resume else prepare_folder(cfg, overwrite)
     connect(address)
     check_resources(cfg)
+    if not resume:
+        write_json(folder / CONFIG_FILE, cfg.to_dict())
     say(f"experiment {cfg.name}: {cfg.method}, {cfg.num_models} model(s) x {cfg.workers_per_model} worker(s), "
         f"{cfg.steps} steps, batch {cfg.batch_size}/worker; {describe(splits)}")
     say(f"results: {folder}")
@@ -186,10 +213,14 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     if cfg.num_models > 1 and cfg.codistill.probe_every:
         probe = probe_split(splits, cfg.codistill.probe_size)
         probe_labels = np.concatenate([y.numpy() for _, y, _ in eval_batches(probe, cfg.eval_batch_size)])
+    token = new_token()
     broker = start_broker(cfg.name, cfg.num_models, len(splits.train), cfg.codistill.max_staleness,
-                          cfg.method, probe_labels)
+                          cfg.method, probe_labels, token, str(folder))
+    if resume:
+        ray.get(broker.note.remote("resumed"))
+        say("resuming from the replicas' latest checkpoints")
     splits_ref = ray.put(splits)
-    trainers = [_trainer(cfg, r, splits_ref, folder) for r in range(cfg.num_models)]
+    trainers = [_trainer(cfg, r, splits_ref, folder, token) for r in range(cfg.num_models)]
     errors: dict[int, BaseException] = {}
     try:
         with ThreadPoolExecutor(max_workers=len(trainers), thread_name_prefix="replica") as pool:
@@ -252,7 +283,7 @@ def _metrics_table(cfg: ExperimentConfig, rows: list[dict]) -> pd.DataFrame:
 
 
 def _summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, errors: dict) -> dict:
-    replicas = [final[r]["result"] for r in sorted(final)]
+    replicas = [{**final[r]["result"], "restarts": stats["replicas"][str(r)]["restarts"]} for r in sorted(final)]
     ensemble, prediction_churn = None, None
     if len(final) > 1:
         probs = [final[r]["probs"] for r in sorted(final)]
@@ -272,6 +303,8 @@ def _summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, error
         "bytes_exchanged": int(sum(c["bytes_in"] + c["bytes_out"] for c in counters.values())),
         "allreduce_bytes": int(sum(r.get("allreduce_bytes", 0) for r in replicas)),
         "broker": {r: {k: v for k, v in c.items() if k != "workers"} for r, c in counters.items()},
+        "restarts": {r: c["restarts"] for r, c in counters.items()},
+        "events": stats["events"],  # starts, restarts from checkpoints, resumes, broker restarts
         "config": cfg.to_dict(), "versions": versions(), "git_rev": git_revision(),
         "command": " ".join(sys.argv),
     }

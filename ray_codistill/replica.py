@@ -8,6 +8,7 @@ through the broker (teacher material, metric rows); inside a replica, DDP synchr
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import socket
 import tempfile
@@ -24,10 +25,14 @@ import torch.nn.functional as F
 
 from ray_codistill.broker import BrokerClient
 from ray_codistill.config import ExperimentConfig
+from ray_codistill.errors import NonFiniteError
 from ray_codistill.data import eval_batches, probe_split, train_batches
 from ray_codistill.loss import alpha_at, codistill_loss
 from ray_codistill.models import build_model
 from ray_codistill.optim import build_optimizer
+
+
+FINISH_TIMEOUT_S = 300.0
 
 
 def replica_seed(seed: int, replica: int) -> int:
@@ -114,8 +119,11 @@ class LogitsTeacher:
     def flush(self) -> None:
         if self.outbox:
             steps = np.concatenate([np.full(len(i), s) for s, i, _ in self.outbox])
-            self.client.publish(steps, np.concatenate([i for _, i, _ in self.outbox]),
-                                np.concatenate([z for _, _, z in self.outbox]))
+            logits = np.concatenate([z for _, _, z in self.outbox])
+            if not np.isfinite(logits).all():  # already on the CPU: this check costs no device sync
+                raise NonFiniteError(f"replica {self.client.replica}: non-finite logits at steps "
+                                     f"{steps[0]}-{steps[-1]}; not published, restarting from the last checkpoint")
+            self.client.publish(steps, np.concatenate([i for _, i, _ in self.outbox]), logits)
             self.outbox = []
 
 
@@ -178,6 +186,9 @@ class WeightsTeacher:
 
     def publish_weights(self, step: int, model: torch.nn.Module) -> None:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+            raise NonFiniteError(f"replica {self.client.replica}: non-finite weights at step {step}; "
+                                 f"not published, restarting from the last checkpoint")
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         self.client.send("put_weights", step, [ray.put(state)], nbytes)
 
@@ -279,10 +290,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches = Lookahead(train_batches(splits.train, cfg.batch_size, seed, rank, world, start_step=start,
                             num_workers=cfg.data.num_workers))
 
-    client = BrokerClient(cfg.name, replica, cfg.codistill.fetch_timeout_s)
+    client = BrokerClient(cfg.name, replica, cfg.codistill.fetch_timeout_s, loop_config["token"], rank)
     client.send("register_worker", rank, {"pid": os.getpid(), "host": socket.gethostname(),
                                           "node_id": ray.get_runtime_context().get_node_id(),
-                                          "device": str(device)})
+                                          "device": str(device)}, start)
     exchange = None
     if cfg.distills:
         _wait_for_peers(client, cfg.num_models, cfg.codistill.wait_for_peers_s)
@@ -334,6 +345,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if done % cfg.log_every == 0 or is_eval:
             if exchange is not None:
                 exchange.flush()
+            if not math.isfinite(float(win["loss"])):  # one device sync per log row, not per step
+                raise NonFiniteError(f"replica {replica}: non-finite loss in steps {done - win['n']}-{done}; "
+                                     f"restarting from the last checkpoint")
             if rank == 0:
                 ages = np.concatenate(win["ages"]) if win["ages"] else np.zeros(0)
                 n = win["n"]
@@ -365,5 +379,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         test = evaluate(unwrap(model), splits.test, cfg.eval_batch_size, device, want_probs=True)
         result.update(val_acc=val["acc"], val_loss=val["loss"], test_acc=test["acc"], test_loss=test["loss"],
                       allreduce_bytes=counter.bytes * world)
-        client.call("finish", result, test["probs"], test["labels"])
+        # waits through a broker restart: the result must reach the driver
+        if not client.call("finish", result, test["probs"], test["labels"], timeout_s=FINISH_TIMEOUT_S):
+            raise RuntimeError(f"replica {replica}: the broker did not take the final result")
     _save_checkpoint(cfg.steps, model, optimizer, scheduler, {"step": cfg.steps, **result}, rank)

@@ -8,12 +8,14 @@ import ray
 
 from ray_codistill.broker import BrokerClient, get_broker, start_broker
 
+TOKEN = "secret-of-this-experiment"
+
 
 @pytest.fixture
 def broker(ray_cluster, request):
     name = f"test-broker-{request.node.name}".replace("[", "-").replace("]", "")
     replicas = getattr(request, "param", 2)
-    handle = start_broker(name, replicas, num_train=100, max_staleness=5)
+    handle = start_broker(name, replicas, num_train=100, max_staleness=5, token=TOKEN)
     yield name, handle
     ray.kill(handle)
 
@@ -24,7 +26,7 @@ def _logits(value: float, n: int = 4, classes: int = 3) -> np.ndarray:
 
 def test_fetch_before_any_publication_has_no_teacher(broker):
     _, b = broker
-    teacher, mask, age = ray.get(b.fetch.remote(0, np.arange(4)))
+    teacher, mask, age = ray.get(b.fetch.remote(0, TOKEN, np.arange(4)))
     assert teacher is None and not mask.any() and (age == -1).all()
     assert ray.get(b.stats.remote())["replicas"]["0"]["misses"] == 4
 
@@ -32,15 +34,15 @@ def test_fetch_before_any_publication_has_no_teacher(broker):
 def test_peer_logits_are_served_with_mask_and_age(broker):
     _, b = broker
     idx = np.array([3, 7, 11, 50])
-    ray.get(b.publish.remote(1, 10, idx[:2], _logits(2.0, n=2)))  # samples 3, 7 at peer step 10
-    ray.get(b.publish.remote(1, 12, idx[2:3], _logits(4.0, n=1)))  # sample 11 at peer step 12
-    teacher, mask, age = ray.get(b.fetch.remote(0, idx))
+    ray.get(b.publish.remote(1, TOKEN, 0, 10, idx[:2], _logits(2.0, n=2)))  # samples 3, 7 at peer step 10
+    ray.get(b.publish.remote(1, TOKEN, 0, 12, idx[2:3], _logits(4.0, n=1)))  # sample 11 at peer step 12
+    teacher, mask, age = ray.get(b.fetch.remote(0, TOKEN, idx))
     assert mask.tolist() == [True, True, True, False]
     np.testing.assert_array_equal(teacher[:3, 0], [2.0, 2.0, 4.0])
     assert teacher.dtype == np.float16
     assert age.tolist() == [2, 2, 0, -1]  # counted in the teacher's own steps: 12 - 10
     # a replica is never its own teacher
-    _, own_mask, _ = ray.get(b.fetch.remote(1, idx))
+    _, own_mask, _ = ray.get(b.fetch.remote(1, TOKEN, idx))
     assert not own_mask.any()
     s = ray.get(b.stats.remote())["replicas"]
     assert (s["0"]["hits"], s["0"]["misses"], s["0"]["age_max"]) == (3, 1, 2)
@@ -49,18 +51,18 @@ def test_peer_logits_are_served_with_mask_and_age(broker):
 
 def test_max_staleness_drops_old_teachers(broker):
     _, b = broker  # max_staleness=5
-    ray.get(b.publish.remote(1, 1, np.array([0]), _logits(1.0, n=1)))
-    ray.get(b.publish.remote(1, 9, np.array([1]), _logits(1.0, n=1)))
-    _, mask, age = ray.get(b.fetch.remote(0, np.array([0, 1])))
+    ray.get(b.publish.remote(1, TOKEN, 0, 1, np.array([0]), _logits(1.0, n=1)))
+    ray.get(b.publish.remote(1, TOKEN, 0, 9, np.array([1]), _logits(1.0, n=1)))
+    _, mask, age = ray.get(b.fetch.remote(0, TOKEN, np.array([0, 1])))
     assert mask.tolist() == [False, True] and age.tolist() == [-1, 0]
 
 
 @pytest.mark.parametrize("broker", [3], indirect=True)
 def test_teacher_is_the_mean_over_peers_that_have_the_sample(broker):
     _, b = broker
-    ray.get(b.publish.remote(1, 4, np.array([0, 1]), np.array([[1, 0], [1, 0]], dtype=np.float16)))
-    ray.get(b.publish.remote(2, 4, np.array([0]), np.array([[3, 2]], dtype=np.float16)))
-    teacher, mask, _ = ray.get(b.fetch.remote(0, np.array([0, 1])))
+    ray.get(b.publish.remote(1, TOKEN, 0, 4, np.array([0, 1]), np.array([[1, 0], [1, 0]], dtype=np.float16)))
+    ray.get(b.publish.remote(2, TOKEN, 0, 4, np.array([0]), np.array([[3, 2]], dtype=np.float16)))
+    teacher, mask, _ = ray.get(b.fetch.remote(0, TOKEN, np.array([0, 1])))
     np.testing.assert_array_equal(teacher, [[2, 1], [1, 0]])  # sample 1 only has peer 1
     assert mask.all()
 
@@ -69,17 +71,17 @@ def test_weights_keep_only_the_newest_reference(broker):
     _, b = broker
     for step in (50, 100):
         ref = ray.put({"w": np.full(3, step)})
-        ray.get(b.put_weights.remote(0, step, [ref], 24))
-    assert ray.get(b.get_weights.remote(0)) == {}  # not its own
-    (peer, (step, latest, ref)), = ray.get(b.get_weights.remote(1)).items()
+        ray.get(b.put_weights.remote(0, TOKEN, step, [ref], 24))
+    assert ray.get(b.get_weights.remote(0, TOKEN)) == {}  # not its own
+    (peer, (step, latest, ref)), = ray.get(b.get_weights.remote(1, TOKEN)).items()
     assert (peer, step, latest) == (0, 100, 100)
     assert ray.get(ref[0])["w"].tolist() == [100, 100, 100]
 
 
 def test_rows_get_the_replica_and_its_bytes(broker):
     _, b = broker
-    ray.get(b.publish.remote(0, 0, np.arange(4), _logits(0.0)))
-    ray.get(b.log.remote(0, [{"step": 10, "train/loss": 1.0}]))
+    ray.get(b.publish.remote(0, TOKEN, 0, 0, np.arange(4), _logits(0.0)))
+    ray.get(b.log.remote(0, TOKEN, [{"step": 10, "train/loss": 1.0}]))
     row, = ray.get(b.rows.remote())
     assert row["replica"] == 0 and row["comm/bytes"] == 4 * 8 + 4 * 3 * 2 + 8  # indices, fp16 logits, step
     assert ray.get(b.progress.remote())[0]["step"] == 10
@@ -88,7 +90,7 @@ def test_rows_get_the_replica_and_its_bytes(broker):
 def test_client_finds_the_broker_by_name_and_survives_its_loss(broker):
     name, b = broker
     assert get_broker(name)._actor_id == b._actor_id
-    client = BrokerClient(name, replica=0, timeout_s=0.5)
+    client = BrokerClient(name, replica=0, timeout_s=0.5, token=TOKEN)
     assert client.call("replicas_up") == 0
     ray.kill(b)
     assert client.resolve(client.fetch_async(np.arange(3))) is None  # a miss, not a crash
@@ -104,24 +106,106 @@ def test_client_finds_the_broker_by_name_and_survives_its_loss(broker):
 ])
 def test_bad_publications_are_rejected_and_never_served(broker, indices, logits, reason):
     _, b = broker
-    ray.get(b.publish.remote(1, 5, indices, logits))
+    ray.get(b.publish.remote(1, TOKEN, 0, 5, indices, logits))
     stats = ray.get(b.stats.remote())["replicas"]["1"]
     assert stats["rejected"] == {reason: 1} and stats["publications"] == 0
-    teacher, mask, _ = ray.get(b.fetch.remote(0, np.arange(2)))
+    teacher, mask, _ = ray.get(b.fetch.remote(0, TOKEN, np.arange(2)))
     assert teacher is None and not mask.any()
+
+
+def test_wrong_token_or_unknown_replica_is_refused_and_never_served(broker):
+    """Another job on the cluster, without the experiment's token, cannot inject teachers."""
+    _, b = broker
+    z = _logits(9.0, n=2)
+    ray.get(b.publish.remote(1, "guessed", 0, 5, np.arange(2), z))
+    ray.get(b.publish.remote(7, TOKEN, 0, 5, np.arange(2), z))  # no replica 7 in this experiment
+    ray.get(b.log.remote(1, "guessed", [{"step": 5, "train/loss": 0.0}]))
+    teacher, mask, _ = ray.get(b.fetch.remote(0, TOKEN, np.arange(2)))
+    assert teacher is None and not mask.any()
+    stats = ray.get(b.stats.remote())
+    assert stats["replicas"]["1"]["rejected"] == {"token": 2} and stats["replicas"]["1"]["publications"] == 0
+    assert stats["rejected_unknown_replica"] == 1 and ray.get(b.rows.remote()) == []
+    # nor can it read them
+    ray.get(b.publish.remote(1, TOKEN, 0, 5, np.arange(2), z))
+    teacher, mask, _ = ray.get(b.fetch.remote(0, "guessed", np.arange(2)))
+    assert teacher is None and not mask.any()
+
+
+def test_steps_going_back_are_refused_per_worker(broker):
+    _, b = broker
+    ray.get(b.publish.remote(1, TOKEN, 0, 10, np.array([0]), _logits(1.0, n=1)))
+    ray.get(b.publish.remote(1, TOKEN, 0, 9, np.array([1]), _logits(2.0, n=1)))  # behind rank 0's step 10
+    ray.get(b.publish.remote(1, TOKEN, 0, np.array([12, 11]), np.array([2, 3]), _logits(2.0, n=2)))
+    ray.get(b.publish.remote(1, TOKEN, 1, 9, np.array([4]), _logits(3.0, n=1)))  # rank 1 has its own order
+    stats = ray.get(b.stats.remote())["replicas"]["1"]
+    assert stats["rejected"] == {"step": 2} and stats["publications"] == 2
+    _, mask, _ = ray.get(b.fetch.remote(0, TOKEN, np.arange(5)))
+    assert mask.tolist() == [True, False, False, False, True]
+
+
+def test_a_restarted_replica_drops_its_rows_after_the_checkpoint(broker):
+    _, b = broker
+    ray.get(b.register_worker.remote(1, TOKEN, 0, {"pid": 1}, 0))
+    ray.get(b.log.remote(1, TOKEN, [{"step": s, "train/loss": 1.0} for s in (10, 20, 30)]))
+    ray.get(b.publish.remote(1, TOKEN, 0, 30, np.array([0]), _logits(1.0, n=1)))
+    ray.get(b.register_worker.remote(1, TOKEN, 0, {"pid": 2}, 20))  # back from its step-20 checkpoint
+    assert [r["step"] for r in ray.get(b.rows.remote())] == [10, 20]
+    ray.get(b.publish.remote(1, TOKEN, 0, 20, np.array([1]), _logits(1.0, n=1)))  # step 20 is fine again
+    _, _, age = ray.get(b.fetch.remote(0, TOKEN, np.array([0, 1])))
+    assert age.tolist() == [0, 0]  # the step-30 logits of the lost run count as step 20
+    ray.get(b.log.remote(1, TOKEN, [{"step": 30, "train/loss": 0.5}]))
+    rows = ray.get(b.rows.remote())
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(10, 1.0), (20, 1.0), (30, 0.5)]
+    stats = ray.get(b.stats.remote())
+    assert stats["replicas"]["1"]["restarts"] == 1 and stats["replicas"]["1"]["rejected"] == {}
+    assert [(e["replica"], e["event"], e["step"]) for e in stats["events"]] == [(1, "started", 0), (1, "restarted", 20)]
+
+
+def test_killed_broker_is_restarted_with_its_history(ray_cluster, tmp_path):
+    """SIGKILL the broker process: Ray restarts it, it reloads rows, counters and divergence from
+    the experiment folder, and the teacher store starts empty (fetches are misses)."""
+    import os
+    import signal
+    import time
+    labels = np.array([0, 1])
+    b = start_broker("test-broker-kill", 2, num_train=10, probe_labels=labels, token=TOKEN, folder=str(tmp_path))
+    try:
+        ray.get(b.register_worker.remote(0, TOKEN, 0, {"pid": 1}, 0))
+        ray.get(b.publish.remote(1, TOKEN, 0, 5, np.arange(4), _logits(1.0)))
+        assert ray.get(b.fetch.remote(0, TOKEN, np.arange(4)))[1].all()
+        for r in (0, 1):
+            ray.get(b.probe.remote(r, TOKEN, 10, np.eye(2, dtype=np.float32) * (1 + r)))
+        ray.get(b.log.remote(0, TOKEN, [{"step": 10, "train/loss": 1.0}]))
+        before = ray.get(b.stats.remote())
+        pid = ray.get(b.ping.remote())
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        assert ray.get(b.ping.remote(), timeout=60) != pid  # calls wait for the restarted broker
+        after = ray.get(b.stats.remote())
+        assert [r["step"] for r in ray.get(b.rows.remote())] == [10]
+        assert len(ray.get(b.divergence.remote())) == 1 and after["probe_rounds"] == 1
+        for key in ("publications", "hits", "fetches", "bytes_in"):
+            assert after["replicas"]["1"][key] == before["replicas"]["1"][key]
+            assert after["replicas"]["0"][key] == before["replicas"]["0"][key]
+        assert after["events"][-1]["event"] == "broker_restarted"
+        teacher, mask, _ = ray.get(b.fetch.remote(0, TOKEN, np.arange(4)))
+        assert teacher is None and not mask.any()  # the store is not journalled: a miss, counted
+        assert ray.get(b.stats.remote())["replicas"]["0"]["misses"] == before["replicas"]["0"]["misses"] + 4
+    finally:
+        ray.kill(b)
 
 
 def test_probe_rounds_and_stats_schema(ray_cluster):
     labels = np.array([0, 1, 1])
-    b = start_broker("test-probes", 2, num_train=10, probe_labels=labels)
+    b = start_broker("test-probes", 2, num_train=10, probe_labels=labels, token=TOKEN)
     try:
         z0 = np.array([[3.0, 0.0], [0.0, 3.0], [0.0, 3.0]], dtype=np.float32)
         z1 = np.array([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0]], dtype=np.float32)
-        ray.get(b.probe.remote(0, 100, z0))
+        ray.get(b.probe.remote(0, TOKEN, 100, z0))
         assert ray.get(b.stats.remote())["divergence"] is None  # replica 1 has not reported yet
-        ray.get(b.probe.remote(1, 100, z1))
-        ray.get(b.probe.remote(1, 200, np.full((3, 2), np.inf, dtype=np.float32)))  # rejected
-        ray.get(b.log.remote(0, [{"step": 100, "train/loss": 0.5, "val/acc": 0.9, "perf/samples_per_s": 10.0}]))
+        ray.get(b.probe.remote(1, TOKEN, 100, z1))
+        ray.get(b.probe.remote(1, TOKEN, 200, np.full((3, 2), np.inf, dtype=np.float32)))  # rejected
+        ray.get(b.log.remote(0, TOKEN, [{"step": 100, "train/loss": 0.5, "val/acc": 0.9, "perf/samples_per_s": 10.0}]))
         stats = ray.get(b.stats.remote())
         assert stats["schema"] == "ray_codistill.stats/1" and stats["status"] == "running"
         assert stats["probe_rounds"] == 1

@@ -1,0 +1,86 @@
+"""What a broker must not lose when it is killed: written under `<experiment>/broker/`.
+
+- `rows.jsonl`: every metric row, appended (and flushed to the OS) as it arrives, so a killed
+  broker loses none; a row of a (replica, step) seen twice replaces the older one on reload;
+- `state.pkl`: a snapshot of everything else (exchange counters, divergence history, progress,
+  workers, events), rewritten atomically at most once per `every_s` and on rare events;
+- `final-r<R>.pkl`: a replica's final figures and test predictions, written once.
+
+The teacher store itself is not kept: after a restart peers republish it within a pass over
+their data, and until then a fetch is a miss. `Broker.__init__` reloads all of this, so Ray's
+restart of a killed broker, and `ray-codistill run --resume`, start from what was recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _plain(value):
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class Journal:
+    def __init__(self, experiment_folder: str | os.PathLike, every_s: float = 1.0) -> None:
+        self.folder = Path(experiment_folder) / "broker"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.every_s = every_s
+        self.rows_path = self.folder / "rows.jsonl"
+        self.state_path = self.folder / "state.pkl"
+        self._saved = 0.0
+
+    # -- reload -----------------------------------------------------------------------------------
+    def load_rows(self) -> dict[tuple[int, int], dict]:
+        rows: dict[tuple[int, int], dict] = {}
+        if self.rows_path.exists():
+            for line in self.rows_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill: the row was not acknowledged
+                    continue
+                rows[(row["replica"], row["step"])] = row
+        return rows
+
+    def load_state(self) -> dict | None:
+        if not self.state_path.exists():
+            return None
+        with open(self.state_path, "rb") as f:
+            return pickle.load(f)
+
+    def load_final(self) -> dict[int, dict]:
+        final = {}
+        for path in sorted(self.folder.glob("final-r*.pkl")):
+            with open(path, "rb") as f:
+                final[int(path.stem.split("-r")[1])] = pickle.load(f)
+        return final
+
+    # -- write ------------------------------------------------------------------------------------
+    def append_rows(self, rows: list[dict]) -> None:
+        with open(self.rows_path, "a") as f:
+            f.write("".join(json.dumps(row, default=_plain) + "\n" for row in rows))
+
+    def rewrite_rows(self, rows: list[dict]) -> None:
+        self._atomic(self.rows_path, "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode())
+
+    def snapshot(self, state_fn, force: bool = False) -> None:
+        """Save `state_fn()` when the last snapshot is older than `every_s` (or when forced)."""
+        now = time.monotonic()
+        if force or now - self._saved >= self.every_s:
+            self._saved = now
+            self._atomic(self.state_path, pickle.dumps(state_fn()))
+
+    def save_final(self, replica: int, final: dict) -> None:
+        self._atomic(self.folder / f"final-r{replica}.pkl", pickle.dumps(final))
+
+    def _atomic(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
