@@ -195,6 +195,7 @@ class Broker:
         return None
 
     # -- logits exchange ------------------------------------------------------------------------
+    @ray.method(max_task_retries=0)  # superseded by the next call: never retried
     def publish(self, replica: int, token: str, rank: int, step: int | np.ndarray, indices: np.ndarray,
                 logits: np.ndarray) -> None:
         """Store logits of samples (one or several batches; `step` per sample or for all)."""
@@ -241,6 +242,7 @@ class Broker:
             return "step"
         return None
 
+    @ray.method(max_task_retries=0)  # superseded by the next call: never retried
     def fetch(self, replica: int, token: str, indices: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
         """Mean peer logits for `indices`, a mask of samples that have a teacher, and its age.
 
@@ -299,6 +301,7 @@ class Broker:
         c.bytes_in += nbytes
         self._save()
 
+    @ray.method(max_task_retries=0)  # superseded by the next call: never retried
     def get_weights(self, replica: int, token: str) -> dict[int, tuple[int, int, list]]:
         """Peers' newest weights: peer -> (weights step, peer's newest step, [ObjectRef])."""
         if self._refuse(replica, token):
@@ -341,6 +344,7 @@ class Broker:
             self._floor = {k: v for k, v in self._floor.items() if k[0] != replica or k[1] == rank}
         self._event(replica, "restarted" if restarted else "started", start_step, pid=info.get("pid"))
 
+    @ray.method(max_task_retries=0)  # superseded by the next call: never retried
     def replicas_up(self, replica: int, token: str) -> int:
         """How many replicas have a registered worker (the start rendezvous polls this)."""
         return len(self._workers)
@@ -440,7 +444,8 @@ class Broker:
         return os.getpid()
 
 
-# Ray restarts a killed broker and retries the calls it lost; a retried `log` replaces its rows
+# Ray restarts a killed broker and retries the calls it lost (a retried `log` replaces its rows),
+# except publications and fetches: the next one supersedes them
 RemoteBroker = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=-1, max_task_retries=-1)(Broker)
 
 

@@ -83,7 +83,10 @@ class LogitsTeacher:
         self.pending = None
         answer = self.client.resolve(ref)
         if answer is None or answer[0] is None:
-            return  # broker late or gone, or no peer has published yet: these steps go without
+            # broker late or gone, or no peer has published yet: these steps go without, and the
+            # next request starts at the next step (else each empty chunk pushed it further ahead)
+            self.next_step = None
+            return
         logits, mask, age = answer
         bounds = np.cumsum([0, *sizes])
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -358,7 +361,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                        # evaluation time stays out of throughput
                        "perf/samples_per_s": win["seen"] * world / win["time"],
                        "comm/allreduce_bytes": counter.bytes * world,
-                       "lr": scheduler.get_last_lr()[0], "time_s": time.perf_counter() - started}
+                       "lr": scheduler.get_last_lr()[0], "time_s": time.perf_counter() - started,
+                       "timestamp": time.time()}  # wall clock: time_s restarts with the worker
                 if is_eval:
                     last_val = evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
                     row["val/acc"], row["val/loss"] = last_val["acc"], last_val["loss"]
