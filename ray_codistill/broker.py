@@ -173,7 +173,7 @@ class Broker:
             for key in self._DURABLE:
                 setattr(self, key, state[key])
             self.started = state["started"]
-            self._event(-1, "broker_restarted", None)
+            self._event(-1, "broker_reloaded", None)
 
     def _save(self, force: bool = False) -> None:
         if self.journal is not None:

@@ -187,7 +187,7 @@ def test_killed_broker_is_restarted_with_its_history(ray_cluster, tmp_path):
         for key in ("publications", "hits", "fetches", "bytes_in"):
             assert after["replicas"]["1"][key] == before["replicas"]["1"][key]
             assert after["replicas"]["0"][key] == before["replicas"]["0"][key]
-        assert after["events"][-1]["event"] == "broker_restarted"
+        assert after["events"][-1]["event"] == "broker_reloaded"
         teacher, mask, _ = ray.get(b.fetch.remote(0, TOKEN, np.arange(4)))
         assert teacher is None and not mask.any()  # the store is not journalled: a miss, counted
         assert ray.get(b.stats.remote())["replicas"]["0"]["misses"] == before["replicas"]["0"]["misses"] + 4

@@ -116,7 +116,7 @@ def test_killed_broker_is_restarted_and_training_finishes(ray_cluster, tmp_path)
     divergence = pd.read_parquet(tmp_path / cfg.name / "divergence.parquet")
 
     assert summary["status"] == "finished" and summary["restarts"] == {"0": 0, "1": 0}
-    assert [e["event"] for e in summary["events"]].count("broker_restarted") == 1
+    assert [e["event"] for e in summary["events"]].count("broker_reloaded") == 1
     _assert_no_gaps(metrics, cfg)  # rows sent while it was down were retried
     # the divergence history recorded before the kill survived it
     assert set(range(250, before["divergence"]["step"] + 1, 250)) <= set(divergence["step"])
@@ -125,3 +125,38 @@ def test_killed_broker_is_restarted_and_training_finishes(ray_cluster, tmp_path)
     assert misses(summary["broker"]) > misses(before["replicas"])
     for r in ("0", "1"):
         assert summary["broker"][r]["publications"] > before["replicas"][r]["publications"]
+
+
+def test_resume_continues_an_experiment_whose_driver_died(ray_cluster, tmp_path):
+    """`ray-codistill run` in its own process, SIGKILLed mid-run; `run --resume NAME` continues
+    from the replicas' checkpoints and the metrics have every step once."""
+    address = ray.get_runtime_context().gcs_address
+    cli = [sys.executable, "-m", "ray_codistill.cli"]
+    sets = [arg for k, v in FAULT_RUN.items() for arg in ("--set", f"{k}={v}")]
+    driver = subprocess.Popen([*cli, "run", str(CONFIGS / "smoke.yaml"), "--name", "fault-driver",
+                               "--storage", str(tmp_path), "--address", address, *sets],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_until("fault-driver", lambda s: min(r["step"] for r in s["replicas"].values()) >= 600)
+    finally:
+        driver.kill()
+        driver.wait()
+    folder = tmp_path / "fault-driver"
+    assert not (folder / "summary.json").exists()
+
+    resumed = subprocess.run([*cli, "run", "--resume", "fault-driver", "--storage", str(tmp_path),
+                              "--address", address], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    cfg = _config(tmp_path, "fault-driver")
+    assert summary["status"] == "finished" and summary["config"]["steps"] == cfg.steps
+    events = [e["event"] for e in summary["events"]]
+    assert "resumed" in events and events.count("restarted") == 2
+    for e in summary["events"]:
+        if e["event"] == "restarted":  # from a checkpoint, not from scratch
+            assert e["step"] > 0 and e["step"] % cfg.checkpoint_every == 0
+    _assert_no_gaps(pd.read_parquet(folder / "metrics.parquet"), cfg)
+
+    again = subprocess.run([*cli, "run", "--resume", "fault-driver", "--storage", str(tmp_path)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "finished already" in again.stderr
