@@ -197,11 +197,14 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     latest checkpoint in the experiment folder, and the broker reloads the rows and counters it
     had journalled there (rows after a replica's checkpoint are dropped and logged again).
     """
-    splits = load_splits(cfg.data)  # data and model first: a refused run must not touch old results
+    # everything that can refuse the run comes before the folder: a refused run touches no results
+    splits = load_splits(cfg.data)
     check_model(cfg.model, splits.input_shape, splits.num_classes)
-    folder = resume_folder(cfg) if resume else prepare_folder(cfg, overwrite)
+    if resume:
+        resume_folder(cfg)
     connect(address)
     check_resources(cfg)
+    folder = resume_folder(cfg) if resume else prepare_folder(cfg, overwrite)
     if not resume:
         write_json(folder / CONFIG_FILE, cfg.to_dict())
     say(f"experiment {cfg.name}: {cfg.method}, {cfg.num_models} model(s) x {cfg.workers_per_model} worker(s), "

@@ -223,3 +223,26 @@ def test_probe_rounds_and_stats_schema(ray_cluster):
         assert row["step"] == 100 and row["acc_a"] == 1.0
     finally:
         ray.kill(b)
+
+
+def test_a_replica_with_non_finite_outputs_raises_instead_of_publishing(broker):
+    """The worker side: NaN logits or weights stop the replica (Ray Train then restarts it from
+    its last checkpoint) before anything reaches the broker."""
+    import torch
+
+    from ray_codistill.errors import NonFiniteError
+    from ray_codistill.replica import LogitsTeacher, WeightsTeacher
+    name, b = broker
+    client = BrokerClient(name, replica=1, timeout_s=5.0, token=TOKEN)
+    teacher = LogitsTeacher(client, chunk=2)
+    teacher.publish(0, torch.arange(2), torch.zeros(2, 3))
+    with pytest.raises(NonFiniteError, match="non-finite logits at steps 0-1"):
+        teacher.publish(1, torch.arange(2, 4), torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]]))
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="non-finite weights at step 10"):
+        WeightsTeacher(client, lambda: torch.nn.Linear(3, 2), every=10, device=torch.device("cpu")).publish_weights(
+            10, model)
+    stats = ray.get(b.stats.remote())["replicas"]["1"]
+    assert stats["publications"] == 0 and stats["rejected"] == {}

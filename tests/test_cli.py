@@ -40,6 +40,20 @@ def test_unwritable_storage_is_a_config_error(tmp_path):
     assert out.returncode == 2 and "storage_path" in out.stderr
 
 
+def test_unreachable_address_fails_fast_and_writes_nothing(tmp_path):
+    out = _cli("run", str(CONFIGS / "smoke.yaml"), "--storage", str(tmp_path), "--address", "127.0.0.1:1",
+               timeout=60)
+    assert out.returncode == 1 and "cannot reach a Ray cluster at '127.0.0.1:1'" in out.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_resume_of_an_unknown_experiment_is_a_config_error(tmp_path):
+    out = _cli("run", "--resume", "never-ran", "--storage", str(tmp_path))
+    assert out.returncode == 2 and "no experiment to resume" in out.stderr
+    out = _cli("run")
+    assert out.returncode == 2 and "--resume" in out.stderr
+
+
 def test_report_of_nothing_fails_clearly(tmp_path):
     out = _cli("report", str(tmp_path))
     assert out.returncode == 1 and "error" in out.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ray_codistill.config import ConfigError, ExperimentConfig, load_config, parse_override
@@ -37,7 +39,7 @@ def test_independent_never_distills():
     assert cfg.codistill.alpha > 0 and not cfg.distills
 
 
-@pytest.mark.parametrize("override, key, allowed", [
+INVALID = [  # (override, the key the error names, words of what is allowed)
     ("method=sync", "method", "codistill, allreduce, independent"),
     ("optim.name=rmsprop", "optim.name", "sgd, adam"),
     ("optim.schedule=linear", "optim.schedule", "constant, cosine, step"),
@@ -66,7 +68,37 @@ def test_independent_never_distills():
     ("bogus=1", "bogus", "unknown key"),
     ("optim.betas=1", "optim.betas", "unknown key"),
     ("nosection.key=1", "nosection", "unknown key"),
-])
+    ("data.test_fraction=0", "data.test_fraction", "(0, 1)"),
+    ("data.num_samples=10", "data.num_samples", ">= 20"),
+    ("data.num_classes=1", "data.num_classes", ">= 2"),
+    ("data.length=0", "data.length", ">= 1"),
+    ("data.image_size=4", "data.image_size", ">= 8"),
+    ("data.num_workers=-1", "data.num_workers", ">= 0"),
+    ("model.name=''", "model.name", "must not be empty"),
+    ("model.hidden=0", "model.hidden", ">= 1"),
+    ("model.channels=0", "model.channels", ">= 1"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps", ">= 0"),
+    ("optim.gamma=0", "optim.gamma", "(0, 1]"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio", "[0, 1]"),
+    ("optim.milestones=[0, 10]", "optim.milestones", "positive"),
+    ("codistill.burn_in=-1", "codistill.burn_in", ">= 0"),
+    ("codistill.ramp_steps=-1", "codistill.ramp_steps", ">= 0"),
+    ("codistill.exchange_batches=0", "codistill.exchange_batches", ">= 1"),
+    ("codistill.probe_size=0", "codistill.probe_size", ">= 1"),
+    ("codistill.probe_every=-1", "codistill.probe_every", ">= 0"),
+    ("codistill.wait_for_peers_s=-1", "codistill.wait_for_peers_s", ">= 0"),
+    ("codistill.fetch_timeout_s=0", "codistill.fetch_timeout_s", "> 0"),
+    ("workers_per_replica=0", "workers_per_replica", ">= 1"),
+    ("eval_batch_size=0", "eval_batch_size", ">= 1"),
+    ("eval_every=0", "eval_every", ">= 1"),
+    ("log_every=0", "log_every", ">= 1"),
+    ("checkpoint_every=-5", "checkpoint_every", ">= 0"),
+    ("replica_max_failures=-2", "replica_max_failures", ">= 0"),
+    ("storage_path=''", "storage_path", "must not be empty"),
+]
+
+
+@pytest.mark.parametrize("override, key, allowed", INVALID)
 def test_invalid_values_name_the_key(override, key, allowed):
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "smoke.yaml", [override])
@@ -86,3 +118,14 @@ def test_missing_and_malformed_files(tmp_path):
 def test_exponent_without_dot_is_a_float():
     # YAML 1.1 reads 1e-4 as a string; weight decays are written that way
     assert load_config(CONFIGS / "smoke.yaml", ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4
+
+
+def test_every_checked_key_has_a_row_in_the_invalid_values_table():
+    """The table above must grow with the config: each key config.py validates is refused once."""
+    import re
+
+    import ray_codistill.config as config_module
+    source = Path(config_module.__file__).read_text()
+    checked = set(re.findall(r'_(?:check|choice)\([^"]*"([a-z_.]+)"', source, flags=re.S))
+    table = {key for _, key, _ in INVALID}
+    assert checked and checked <= table, f"no invalid-value row for: {sorted(checked - table)}"
