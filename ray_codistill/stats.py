@@ -48,6 +48,8 @@ def format_stats(stats: dict) -> str:
     for r, s in stats["replicas"].items():
         age = "/".join("-" if s[k] is None else f"{s[k]:.0f}" for k in ("age_p50", "age_p95", "age_max"))
         workers = ",".join(f"{w['pid']}@{w['host']}" for w in s["workers"].values()) or "-"
+        if s.get("restarts"):
+            workers += f" (restarted {s['restarts']}x)"
         step = s["step"] if s["step"] >= 0 else None
         lines.append(
             f"{r:>7} {_fmt(step, 'd', 6)} {_fmt(s['train_loss'], '.3f', 7)} {_fmt(s['val_acc'], '.3f', 7)} "
