@@ -39,58 +39,16 @@ import ray
 
 from ray_codistill.divergence import ProbeRounds
 from ray_codistill.journal import Journal
+from ray_codistill.store import Counters, Guard, StoreShard, TeacherStore
 
 NAMESPACE = "ray_codistill"
 STATS_SCHEMA = "ray_codistill.stats/1"
-AGE_WINDOW = 65536  # recent teacher ages kept per replica for the percentiles
 
 log = logging.getLogger(__name__)
 
 
 def broker_name(experiment: str) -> str:
     return f"broker:{experiment}"
-
-
-class _Counters:
-    """Exchange counters of one replica."""
-
-    def __init__(self) -> None:
-        self.publications = 0
-        self.fetches = 0
-        self.hits = 0
-        self.misses = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.age_max = 0
-        self.rejected: dict[str, int] = {}  # reason -> count
-        self._ages = np.zeros(AGE_WINDOW, dtype=np.int64)
-        self._n_ages = 0
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-
-    def add_ages(self, ages: np.ndarray) -> None:
-        if ages.size == 0:
-            return
-        ages = ages[-AGE_WINDOW:]
-        pos = self._n_ages % AGE_WINDOW
-        first = min(ages.size, AGE_WINDOW - pos)
-        self._ages[pos:pos + first] = ages[:first]
-        self._ages[:ages.size - first] = ages[first:]
-        self._n_ages += ages.size
-        self.age_max = max(self.age_max, int(ages.max()))
-
-    def as_dict(self) -> dict:
-        ages = self._ages[:min(self._n_ages, AGE_WINDOW)]
-        p50, p95 = (np.percentile(ages, [50, 95]).tolist() if ages.size else (None, None))
-        served = self.hits + self.misses
-        return {
-            "publications": self.publications, "fetches": self.fetches,
-            "hits": self.hits, "misses": self.misses,
-            "hit_rate": self.hits / served if served else None,
-            "age_p50": p50, "age_p95": p95, "age_max": self.age_max if ages.size else None,
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "rejected": dict(self.rejected),
-        }
 
 
 class BrokerMetrics:
@@ -131,30 +89,29 @@ class BrokerMetrics:
 class Broker:
     """Teacher material, exchange counters and metric rows of one experiment."""
 
-    def __init__(self, experiment: str, num_replicas: int, num_train: int,
+    def __init__(self, experiment: str, num_replicas: int, num_train: int, num_classes: int,
                  max_staleness: int | None = None, method: str = "codistill",
-                 probe_labels: np.ndarray | None = None, token: str = "", folder: str | None = None) -> None:
+                 probe_labels: np.ndarray | None = None, token: str = "", folder: str | None = None,
+                 topk: int | None = None, shards: list | None = None) -> None:
         self.experiment = experiment
         self.method = method
         self.num_replicas = num_replicas
-        self.num_train = num_train
-        self.max_staleness = max_staleness
-        self._token = token
         self.started = time.time()
-        self.counters = [_Counters() for _ in range(num_replicas)]
-        self.latest_step = np.full(num_replicas, -1, dtype=np.int64)  # newest step each replica published
-        self._floor: dict[tuple[int, int], int] = {}  # (replica, rank) -> newest step it published
-        # logits store, allocated on the first publication (the class count comes with it)
-        self._logits: list[np.ndarray | None] = [None] * num_replicas
-        self._sample_step = [np.full(num_train, -1, dtype=np.int64) for _ in range(num_replicas)]
+        # the logits store: here, or in shard actors that workers call directly (`shards`)
+        self.shards = shards or []
+        self.store = TeacherStore(num_replicas, 0 if self.shards else num_train, num_classes, topk, max_staleness)
+        self.counters = self.store.counters  # the broker's own calls count here, shards' in theirs
+        self.latest_step = self.store.latest_step  # newest step each replica published or logged
+        self.guard = Guard(token, self.counters)
         # weights store: replica -> (step, [ObjectRef]); the list keeps Ray from resolving the ref
         self._weights: dict[int, tuple[int, list]] = {}
         self._rows: dict[tuple[int, int], dict] = {}  # (replica, step) -> row
         self._progress: dict[int, dict] = {}
         self._workers: dict[int, dict[int, dict]] = {}
         self._events: list[dict] = []
-        self._unknown_rejected = 0  # calls that named no replica of this experiment
         self._final: dict[int, dict] = {}
+        self._shard_counters: list[list[Counters]] = []
+        self._shard_counters_at = 0.0
         self.rounds = ProbeRounds(num_replicas, probe_labels) if probe_labels is not None else None
         self.status = "running"
         self.journal = Journal(folder) if folder else None
@@ -163,7 +120,8 @@ class Broker:
         self.metrics = BrokerMetrics(experiment)
 
     # -- what survives a restart ------------------------------------------------------------------
-    _DURABLE = ("counters", "latest_step", "_floor", "_progress", "_workers", "_events", "rounds")
+    _DURABLE = ("_progress", "_workers", "_events", "rounds")
+    _DURABLE_STORE = ("counters", "latest_step", "floor")
 
     def _reload(self) -> None:
         self._rows = self.journal.load_rows()
@@ -172,12 +130,17 @@ class Broker:
         if state is not None:
             for key in self._DURABLE:
                 setattr(self, key, state[key])
+            for key in self._DURABLE_STORE:
+                setattr(self.store, key, state["store"][key])
+            self.counters, self.latest_step = self.store.counters, self.store.latest_step
+            self.guard = Guard(self.guard._token, self.counters)
             self.started = state["started"]
             self._event(-1, "broker_reloaded", None)
 
     def _save(self, force: bool = False) -> None:
         if self.journal is not None:
-            self.journal.snapshot(lambda: {"started": self.started, **{k: getattr(self, k) for k in self._DURABLE}},
+            self.journal.snapshot(lambda: {"started": self.started, **{k: getattr(self, k) for k in self._DURABLE},
+                                           "store": {k: getattr(self.store, k) for k in self._DURABLE_STORE}},
                                   force)
 
     def _event(self, replica: int, event: str, step: int | None, **info) -> None:
@@ -185,104 +148,37 @@ class Broker:
         self._save(force=True)
 
     def _refuse(self, replica: int, token: str) -> str | None:
-        """Why a worker's call is refused: an unknown replica id or a wrong experiment token."""
-        if not isinstance(replica, (int, np.integer)) or not 0 <= replica < self.num_replicas:
-            self._unknown_rejected += 1
-            return "replica"
-        if not secrets.compare_digest(str(token), self._token):
-            self.counters[replica].reject("token")
-            return "token"
-        return None
+        return self.guard.refuse(replica, token)
 
-    # -- logits exchange ------------------------------------------------------------------------
+    def _counters(self, replica: int, fresh: bool = False) -> Counters:
+        """A replica's counters: the broker's own, plus its shards' (asked at most once a second
+        unless `fresh`; shards that do not answer in time count as nothing new)."""
+        if not self.shards:
+            return self.counters[replica]
+        if fresh or time.monotonic() - self._shard_counters_at > 1.0:
+            try:
+                self._shard_counters = ray.get([s.counters.remote() for s in self.shards], timeout=5)
+            except Exception as err:  # a shard restarting: keep the last answer
+                log.warning("shard counters unavailable: %s", type(err).__name__)
+            self._shard_counters_at = time.monotonic()
+        return Counters.merged([self.counters[replica], *(c[replica] for c in self._shard_counters)])
+
+    # -- logits exchange (unsharded: with shards, workers call the shard actors) -----------------
     @ray.method(max_task_retries=0)  # superseded by the next call: never retried
     def publish(self, replica: int, token: str, rank: int, step: int | np.ndarray, indices: np.ndarray,
-                logits: np.ndarray) -> None:
-        """Store logits of samples (one or several batches; `step` per sample or for all)."""
-        if self._refuse(replica, token):
-            return
-        sent = np.asarray(step)
-        step = np.broadcast_to(sent, np.shape(indices))
-        reason = self._invalid(replica, rank, step, indices, logits)
-        if reason:
-            self.counters[replica].reject(reason)
-            return
-        store = self._logits[replica]
-        if store is None:
-            store = self._logits[replica] = np.zeros((self.num_train, logits.shape[1]), dtype=np.float16)
-        store[indices] = logits
-        self._sample_step[replica][indices] = step
-        if step.size:
-            self._floor[(replica, rank)] = int(step[-1])
-            self.latest_step[replica] = max(self.latest_step[replica], int(step[-1]))
-        c = self.counters[replica]
-        c.publications += 1
-        c.bytes_in += indices.nbytes + logits.nbytes + sent.nbytes
-        self._save()
-
-    def _invalid(self, replica: int, rank: int, step: np.ndarray, indices: np.ndarray,
-                 logits: np.ndarray) -> str | None:
-        """Why a publication must not be stored and served, or None when it is fine."""
-        if not all(isinstance(a, np.ndarray) for a in (indices, logits)):
-            return "dtype"
-        if logits.ndim != 2 or indices.ndim != 1 or len(indices) != len(logits):
-            return "shape"
-        if (not np.issubdtype(indices.dtype, np.integer) or not np.issubdtype(logits.dtype, np.floating)
-                or not np.issubdtype(step.dtype, np.integer)):
-            return "dtype"
-        if len(indices) and (indices.min() < 0 or indices.max() >= self.num_train):
-            return "index_range"
-        store = self._logits[replica]
-        if store is not None and logits.shape[1] != store.shape[1]:
-            return "shape"
-        if not np.isfinite(logits).all():
-            return "non_finite"
-        # steps never go back: within a publication, nor behind what the same worker sent before
-        if step.size and (np.any(np.diff(step) < 0) or step[0] < self._floor.get((replica, rank), -1)):
-            return "step"
-        return None
+                values: np.ndarray, classes: np.ndarray | None = None) -> None:
+        """Store logits of samples (one or several batches; `step` per sample or for all), or
+        with `codistill.topk` their k largest values and `classes`."""
+        if not self._refuse(replica, token) and self.store.publish(replica, rank, step, indices, values, classes) is None:
+            self._save()
 
     @ray.method(max_task_retries=0)  # superseded by the next call: never retried
     def fetch(self, replica: int, token: str, indices: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        """Mean peer logits for `indices`, a mask of samples that have a teacher, and its age.
-
-        The logits are None when no peer has published anything yet (or the call is refused).
-        Age is counted in the teacher's own steps (its newest step minus the step the stored
-        logits came from), averaged over the peers that answer for the sample; -1 where masked.
-        """
-        indices = np.asarray(indices)
-        if self._refuse(replica, token) or indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) \
-                or (indices.size and (indices.min() < 0 or indices.max() >= self.num_train)):
-            return None, np.zeros(indices.size, dtype=bool), np.full(indices.size, -1, dtype=np.int32)
-        total = None
-        count = np.zeros(indices.size, dtype=np.int64)
-        age_sum = np.zeros(indices.size, dtype=np.int64)
-        for peer in range(self.num_replicas):
-            if peer == replica or self._logits[peer] is None:
-                continue
-            steps = self._sample_step[peer][indices]
-            age = self.latest_step[peer] - steps
-            valid = steps >= 0
-            if self.max_staleness is not None:
-                valid &= age <= self.max_staleness
-            if not valid.any():
-                continue
-            peer_logits = self._logits[peer][indices].astype(np.float32)
-            peer_logits[~valid] = 0.0
-            total = peer_logits if total is None else total + peer_logits
-            count += valid
-            age_sum += np.where(valid, age, 0)
-        mask = count > 0
-        teacher = None if total is None else (total / np.maximum(count, 1)[:, None]).astype(np.float16)
-        age = np.where(mask, age_sum // np.maximum(count, 1), -1).astype(np.int32)
-        c = self.counters[replica]
-        c.fetches += 1
-        c.hits += int(mask.sum())
-        c.misses += int(indices.size - mask.sum())
-        c.add_ages(age[mask])
-        c.bytes_in += indices.nbytes
-        c.bytes_out += (teacher.nbytes if teacher is not None else 0) + mask.nbytes + age.nbytes
-        return teacher, mask, age
+        """Mean peer logits for `indices`, a mask of samples that have a teacher, and its age
+        (`TeacherStore.fetch`); no teacher at all when the call is refused."""
+        if self._refuse(replica, token):
+            return None, np.zeros(len(indices), dtype=bool), np.full(len(indices), -1, dtype=np.int32)
+        return self.store.fetch(replica, indices)
 
     # -- weights exchange -----------------------------------------------------------------------
     def put_weights(self, replica: int, token: str, step: int, ref: list, nbytes: int) -> None:
@@ -290,10 +186,10 @@ class Broker:
         checked that its values are finite before it published them."""
         if self._refuse(replica, token):
             return
-        if step < self._floor.get((replica, 0), -1):
+        if step < self.store.floor.get((replica, 0), -1):
             self.counters[replica].reject("step")
             return
-        self._floor[(replica, 0)] = step
+        self.store.floor[(replica, 0)] = step
         self._weights[replica] = (step, ref)
         self.latest_step[replica] = max(self.latest_step[replica], step)
         c = self.counters[replica]
@@ -330,7 +226,9 @@ class Broker:
             return
         restarted = rank in self._workers.get(replica, {})
         self._workers.setdefault(replica, {})[rank] = {**info, "start_step": start_step}
-        self._floor[(replica, rank)] = start_step
+        self.store.registered(replica, rank, start_step, restarted and rank == 0)
+        for shard in self.shards:
+            shard.registered.remote(replica, rank, start_step, restarted and rank == 0)
         if rank != 0:
             return
         if restarted:
@@ -339,9 +237,6 @@ class Broker:
                 del self._rows[key]
             if dropped and self.journal is not None:
                 self.journal.rewrite_rows(self.rows())
-            self.latest_step[replica] = start_step
-            np.minimum(self._sample_step[replica], start_step, out=self._sample_step[replica])
-            self._floor = {k: v for k, v in self._floor.items() if k[0] != replica or k[1] == rank}
         self._event(replica, "restarted" if restarted else "started", start_step, pid=info.get("pid"))
 
     @ray.method(max_task_retries=0)  # superseded by the next call: never retried
@@ -358,7 +253,7 @@ class Broker:
         A row of a (replica, step) that arrives twice (a retried call) replaces the first."""
         if self._refuse(replica, token):
             return
-        c = self.counters[replica]
+        c = self._counters(replica)
         for row in rows:
             row["comm/bytes"] = c.bytes_in + c.bytes_out
             row["replica"] = replica
@@ -421,7 +316,7 @@ class Broker:
             p = self._progress.get(r, {})
             replicas[str(r)] = {
                 "step": int(self.latest_step[r]), "train_loss": p.get("train/loss"), "val_acc": p.get("val/acc"),
-                "samples_per_s": p.get("perf/samples_per_s"), **self.counters[r].as_dict(),
+                "samples_per_s": p.get("perf/samples_per_s"), **self._counters(r, fresh=True).as_dict(),
                 "probe_acc": (self.rounds.latest or {}).get("probe_acc", {}).get(r) if self.rounds else None,
                 "workers": {str(k): v for k, v in self._workers.get(r, {}).items()},
                 "restarts": sum(1 for e in self._events if e["replica"] == r and e["event"] == "restarted"),
@@ -436,12 +331,20 @@ class Broker:
                 "pairs": [{k: p[k] for k in ("replica_a", "replica_b", "sym_kl", "disagreement", "l2")}
                           for p in latest["pairs"]]},
             "probe_rounds": len({row["step"] for row in self.rounds.history}) if self.rounds else 0,
-            "rejected_unknown_replica": self._unknown_rejected,
+            "rejected_unknown_replica": self.guard.unknown,
+            "broker_shards": max(1, len(self.shards)),
             "events": self._events,
         }
 
     def ping(self) -> int:
         return os.getpid()
+
+    def shard_handles(self) -> list:
+        return self.shards
+
+    def nbytes(self) -> dict:
+        """Bytes held for teachers: in the broker's own store and in each shard."""
+        return {"broker": self.store.nbytes(), "shards": ray.get([s.nbytes.remote() for s in self.shards])}
 
 
 # Ray restarts a killed broker and retries the calls it lost (a retried `log` replaces its rows),
@@ -454,22 +357,46 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
-def start_broker(experiment: str, num_replicas: int, num_train: int, max_staleness: int | None = None,
-                 method: str = "codistill", probe_labels: np.ndarray | None = None, token: str = "",
-                 folder: str | None = None):
+RemoteShard = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=-1)(StoreShard)
+
+
+def shard_name(experiment: str, shard: int) -> str:
+    return f"broker:{experiment}:shard{shard}"
+
+
+def start_broker(experiment: str, num_replicas: int, num_train: int, num_classes: int,
+                 max_staleness: int | None = None, method: str = "codistill",
+                 probe_labels: np.ndarray | None = None, token: str = "", folder: str | None = None,
+                 topk: int | None = None, shards: int = 1):
     """Create the named broker actor of an experiment (the driver's side).
 
     With `folder` (the experiment folder) it journals what it must not lose there and reloads it
     when Ray restarts it; it is placed on the driver's node (softly: it may move if that node
     dies), so on a cluster of several nodes the folder must be on storage every node can reach.
+    With `shards` > 1 the logits store is split by sample index over that many shard actors,
+    which Ray spreads over the nodes; a restarted shard starts empty (its peers' next
+    publications refill it).
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    shard_handles = [
+        RemoteShard.options(name=shard_name(experiment, s), namespace=NAMESPACE, scheduling_strategy="SPREAD").remote(
+            token, num_replicas=num_replicas, num_train=num_train, num_classes=num_classes, topk=topk,
+            max_staleness=max_staleness, shard=s, num_shards=shards)
+        for s in range(shards)] if shards > 1 else []
     handle = RemoteBroker.options(name=broker_name(experiment), namespace=NAMESPACE, lifetime=None,
                                   scheduling_strategy=here).remote(
-        experiment, num_replicas, num_train, max_staleness, method, probe_labels, token, folder)
-    ray.get(handle.ping.remote())
+        experiment, num_replicas, num_train, num_classes, max_staleness, method, probe_labels, token, folder,
+        topk, shard_handles)
+    ray.get([handle.ping.remote(), *(s.nbytes.remote() for s in shard_handles)])
     return handle
+
+
+def stop_broker(handle) -> None:
+    """Kill the broker and its shards (the end of a run)."""
+    shards = ray.get(handle.shard_handles.remote(), timeout=30)
+    for actor in (handle, *shards):
+        ray.kill(actor)
 
 
 def get_broker(experiment: str):
@@ -477,32 +404,74 @@ def get_broker(experiment: str):
     return ray.get_actor(broker_name(experiment), namespace=NAMESPACE)
 
 
+class _ShardedAnswer:
+    """A fetch split over shards: which samples each shard answers, and its reply."""
+
+    def __init__(self, size: int, parts: list[tuple[np.ndarray, Any]]) -> None:
+        self.size, self.parts = size, parts
+
+    def merge(self, answers: list) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        mask = np.zeros(self.size, dtype=bool)
+        age = np.full(self.size, -1, dtype=np.int32)
+        teacher = None
+        for (sel, _), (logits, m, a) in zip(self.parts, answers):
+            if logits is not None:
+                if teacher is None:
+                    teacher = np.zeros((self.size, logits.shape[1]), dtype=logits.dtype)
+                teacher[sel] = logits
+            mask[sel], age[sel] = m, a
+        return teacher, mask, age
+
+
 class BrokerClient:
     """A worker's view of the broker: fire-and-forget publications, overlapped fetches.
 
-    Every call carries the replica id and the experiment token. A failed or late call never
-    stops training: it means "no teacher this step" and is counted as a miss by the caller.
+    Every call carries the replica id and the experiment token. With `shards` > 1, publications
+    and fetches go straight to the shard actors that own the samples (index modulo shards).
+    A failed or late call never stops training: it means "no teacher this step" and is counted as
+    a miss by the caller.
     """
 
-    def __init__(self, experiment: str, replica: int, timeout_s: float, token: str, rank: int = 0) -> None:
+    def __init__(self, experiment: str, replica: int, timeout_s: float, token: str, rank: int = 0,
+                 shards: int = 1) -> None:
         self.replica, self.rank, self.token = replica, rank, token
         self.timeout_s = timeout_s
         self.handle = get_broker(experiment)
+        self.shards = [ray.get_actor(shard_name(experiment, s), namespace=NAMESPACE)
+                       for s in range(shards)] if shards > 1 else []
         self.errors = 0
 
-    def _call(self, method: str, *args: Any):
+    def _remote(self, method, *args: Any):
         try:
-            return getattr(self.handle, method).remote(self.replica, self.token, *args)
+            return method.remote(self.replica, self.token, *args)
         except Exception as err:  # the actor may be gone; training goes on without it
             self.errors += 1
-            log.warning("broker %s failed: %s", method, err)
+            log.warning("broker call failed: %s", err)
             return None
 
-    def publish(self, step: int | np.ndarray, indices: np.ndarray, logits: np.ndarray) -> None:
-        self._call("publish", self.rank, step, indices, logits)
+    def _call(self, method: str, *args: Any):
+        return self._remote(getattr(self.handle, method), *args)
+
+    def publish(self, step: int | np.ndarray, indices: np.ndarray, values: np.ndarray,
+                classes: np.ndarray | None = None) -> None:
+        extra = () if classes is None else (classes,)
+        if not self.shards:
+            self._call("publish", self.rank, step, indices, values, *extra)
+            return
+        step = np.broadcast_to(np.asarray(step), indices.shape)
+        owner = indices % len(self.shards)
+        for s, shard in enumerate(self.shards):
+            sel = owner == s
+            if sel.any():
+                self._remote(shard.publish, self.rank, step[sel], indices[sel], values[sel], *(e[sel] for e in extra))
 
     def fetch_async(self, indices: np.ndarray):
-        return self._call("fetch", indices)
+        if not self.shards:
+            return self._call("fetch", indices)
+        owner = indices % len(self.shards)
+        sels = [owner == s for s in range(len(self.shards))]
+        return _ShardedAnswer(indices.size, [(sel, self._remote(shard.fetch, indices[sel]))
+                                             for sel, shard in zip(sels, self.shards) if sel.any()])
 
     def fetch_weights_async(self):
         return self._call("get_weights")
@@ -511,9 +480,13 @@ class BrokerClient:
         """The answer of an earlier async call, or None when it is late or failed."""
         if ref is None:
             return None
+        sharded = isinstance(ref, _ShardedAnswer)
         try:
+            if sharded:
+                return ref.merge(ray.get([r for _, r in ref.parts], timeout=self.timeout_s if timeout_s is None
+                                         else timeout_s))
             return ray.get(ref, timeout=self.timeout_s if timeout_s is None else timeout_s)
-        except Exception as err:  # GetTimeoutError, RayActorError, ...
+        except Exception as err:  # GetTimeoutError, RayActorError, a failed shard call, ...
             self.errors += 1
             log.warning("broker answer missing: %s", type(err).__name__)
             return None

@@ -112,6 +112,8 @@ class CodistillConfig:
     probe_size: int = 512  # divergence probe: the first probe_size validation samples
     probe_every: int = 100  # steps between probe rounds (0: no divergence statistics)
     wait_for_peers_s: float = 120.0  # at start, wait up to this long for every replica to be up (0: don't)
+    topk: int | None = None  # logits mode: keep and send only each sample's k largest logits (kl only)
+    broker_shards: int = 1  # logits mode: split the logits store by sample index over this many actors
 
     def __post_init__(self) -> None:
         _check(self.alpha >= 0, "codistill.alpha", f"got {self.alpha}, must be >= 0")
@@ -130,6 +132,10 @@ class CodistillConfig:
         _check(self.wait_for_peers_s >= 0, "codistill.wait_for_peers_s",
                f"got {self.wait_for_peers_s}, must be >= 0")
         _check(self.fetch_timeout_s > 0, "codistill.fetch_timeout_s", f"got {self.fetch_timeout_s}, must be > 0")
+        _check(self.topk is None or self.topk >= 1, "codistill.topk", f"got {self.topk}, must be >= 1 or null (all)")
+        _check(self.topk is None or self.distance == "kl", "codistill.topk",
+               "needs codistill.distance=kl (mse on the missing classes has no meaning)")
+        _check(self.broker_shards >= 1, "codistill.broker_shards", f"got {self.broker_shards}, must be >= 1")
 
 
 @dataclass

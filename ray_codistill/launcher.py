@@ -26,7 +26,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from ray_codistill.broker import new_token, start_broker
+from ray_codistill.broker import new_token, start_broker, stop_broker
 from ray_codistill.cluster import connect
 from ray_codistill.config import ConfigError, ExperimentConfig
 from ray_codistill.data import describe, eval_batches, load_splits, probe_split
@@ -200,6 +200,8 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     # everything that can refuse the run comes before the folder: a refused run touches no results
     splits = load_splits(cfg.data)
     check_model(cfg.model, splits.input_shape, splits.num_classes)
+    if cfg.codistill.topk is not None and cfg.codistill.topk > splits.num_classes:
+        raise ConfigError(f"codistill.topk: got {cfg.codistill.topk}, the data has {splits.num_classes} classes")
     if resume:
         resume_folder(cfg)
     connect(address)
@@ -217,8 +219,9 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
         probe = probe_split(splits, cfg.codistill.probe_size)
         probe_labels = np.concatenate([y.numpy() for _, y, _ in eval_batches(probe, cfg.eval_batch_size)])
     token = new_token()
-    broker = start_broker(cfg.name, cfg.num_models, len(splits.train), cfg.codistill.max_staleness,
-                          cfg.method, probe_labels, token, str(folder))
+    cc = cfg.codistill
+    broker = start_broker(cfg.name, cfg.num_models, len(splits.train), splits.num_classes, cc.max_staleness,
+                          cfg.method, probe_labels, token, str(folder), cc.topk, cc.broker_shards)
     if resume:
         ray.get(broker.note.remote("resumed"))
         say("resuming from the replicas' latest checkpoints")
@@ -248,7 +251,7 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
         rows, final, stats, divergence = ray.get([broker.rows.remote(), broker.final.remote(),
                                                   broker.stats.remote(), broker.divergence.remote()])
     finally:
-        ray.kill(broker)
+        stop_broker(broker)
     wall = time.time() - started
 
     metrics = _metrics_table(cfg, rows)

@@ -71,8 +71,8 @@ class LogitsTeacher:
     Fewer, larger calls keep Ray's per-call cost off the training step.
     """
 
-    def __init__(self, client: BrokerClient, chunk: int) -> None:
-        self.client, self.chunk = client, chunk
+    def __init__(self, client: BrokerClient, chunk: int, topk: int | None = None) -> None:
+        self.client, self.chunk, self.topk = client, chunk, topk
         self.cache: dict[int, tuple] = {}  # step -> (logits, mask, ages) of teachers received
         self.pending = None  # (first step, batch sizes, ref) of the chunk in flight
         self.next_step: int | None = None  # first step whose teachers were not asked for yet
@@ -115,18 +115,25 @@ class LogitsTeacher:
         return torch.tensor(logits, device=device), torch.tensor(mask, device=device), age[mask]
 
     def publish(self, step: int, idx: torch.Tensor, logits: torch.Tensor) -> None:
-        self.outbox.append((step, idx.numpy(), logits.detach().to("cpu", torch.float16).numpy()))
+        logits = logits.detach()
+        classes = None
+        if self.topk is not None:  # only the k largest logits and their classes leave the worker
+            dtype = torch.int16 if logits.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+            logits, classes = logits.topk(self.topk, dim=1)
+            classes = classes.to("cpu", dtype).numpy()
+        self.outbox.append((step, idx.numpy(), logits.to("cpu", torch.float16).numpy(), classes))
         if len(self.outbox) >= self.chunk:
             self.flush()
 
     def flush(self) -> None:
         if self.outbox:
-            steps = np.concatenate([np.full(len(i), s) for s, i, _ in self.outbox])
-            logits = np.concatenate([z for _, _, z in self.outbox])
+            steps = np.concatenate([np.full(len(i), s) for s, i, _, _ in self.outbox])
+            logits = np.concatenate([z for _, _, z, _ in self.outbox])
             if not np.isfinite(logits).all():  # already on the CPU: this check costs no device sync
                 raise NonFiniteError(f"replica {self.client.replica}: non-finite logits at steps "
                                      f"{steps[0]}-{steps[-1]}; not published, restarting from the last checkpoint")
-            self.client.publish(steps, np.concatenate([i for _, i, _ in self.outbox]), logits)
+            classes = None if self.topk is None else np.concatenate([c for *_, c in self.outbox])
+            self.client.publish(steps, np.concatenate([i for _, i, _, _ in self.outbox]), logits, classes)
             self.outbox = []
 
 
@@ -293,14 +300,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches = Lookahead(train_batches(splits.train, cfg.batch_size, seed, rank, world, start_step=start,
                             num_workers=cfg.data.num_workers))
 
-    client = BrokerClient(cfg.name, replica, cfg.codistill.fetch_timeout_s, loop_config["token"], rank)
+    client = BrokerClient(cfg.name, replica, cfg.codistill.fetch_timeout_s, loop_config["token"], rank,
+                          cfg.codistill.broker_shards)
     client.send("register_worker", rank, {"pid": os.getpid(), "host": socket.gethostname(),
                                           "node_id": ray.get_runtime_context().get_node_id(),
                                           "device": str(device)}, start)
     exchange = None
     if cfg.distills:
         _wait_for_peers(client, cfg.num_models, cfg.codistill.wait_for_peers_s)
-        exchange = (LogitsTeacher(client, cfg.codistill.exchange_batches) if cfg.codistill.exchange == "logits" else
+        exchange = (LogitsTeacher(client, cfg.codistill.exchange_batches, cfg.codistill.topk)
+                    if cfg.codistill.exchange == "logits" else
                     WeightsTeacher(client, model_fn, cfg.codistill.exchange_every, device))
     cc = cfg.codistill
     probe = probe_split(splits, cc.probe_size) if rank == 0 and cfg.num_models > 1 and cc.probe_every else None

@@ -15,7 +15,7 @@ TOKEN = "secret-of-this-experiment"
 def broker(ray_cluster, request):
     name = f"test-broker-{request.node.name}".replace("[", "-").replace("]", "")
     replicas = getattr(request, "param", 2)
-    handle = start_broker(name, replicas, num_train=100, max_staleness=5, token=TOKEN)
+    handle = start_broker(name, replicas, num_train=100, num_classes=3, max_staleness=5, token=TOKEN)
     yield name, handle
     ray.kill(handle)
 
@@ -60,10 +60,10 @@ def test_max_staleness_drops_old_teachers(broker):
 @pytest.mark.parametrize("broker", [3], indirect=True)
 def test_teacher_is_the_mean_over_peers_that_have_the_sample(broker):
     _, b = broker
-    ray.get(b.publish.remote(1, TOKEN, 0, 4, np.array([0, 1]), np.array([[1, 0], [1, 0]], dtype=np.float16)))
-    ray.get(b.publish.remote(2, TOKEN, 0, 4, np.array([0]), np.array([[3, 2]], dtype=np.float16)))
+    ray.get(b.publish.remote(1, TOKEN, 0, 4, np.array([0, 1]), np.array([[1, 0, 0], [1, 0, 0]], dtype=np.float16)))
+    ray.get(b.publish.remote(2, TOKEN, 0, 4, np.array([0]), np.array([[3, 2, 0]], dtype=np.float16)))
     teacher, mask, _ = ray.get(b.fetch.remote(0, TOKEN, np.array([0, 1])))
-    np.testing.assert_array_equal(teacher, [[2, 1], [1, 0]])  # sample 1 only has peer 1
+    np.testing.assert_array_equal(teacher, [[2, 1, 0], [1, 0, 0]])  # sample 1 only has peer 1
     assert mask.all()
 
 
@@ -98,11 +98,14 @@ def test_client_finds_the_broker_by_name_and_survives_its_loss(broker):
 
 
 @pytest.mark.parametrize("indices, logits, reason", [
-    (np.arange(2), np.array([[np.nan, 0.0], [1.0, 0.0]], dtype=np.float16), "non_finite"),
-    (np.arange(2), np.zeros((3, 2), dtype=np.float16), "shape"),
-    (np.array([0, 100]), np.zeros((2, 2), dtype=np.float16), "index_range"),
-    (np.array([-1, 0]), np.zeros((2, 2), dtype=np.float16), "index_range"),
-    (np.array([0.0, 1.0]), np.zeros((2, 2), dtype=np.float16), "dtype"),
+    (np.arange(2), np.array([[np.nan, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=np.float16), "non_finite"),
+    (np.arange(2), np.array([[np.inf, 0.0, 0.0], [1.0, 0.0, 0.0]], dtype=np.float16), "non_finite"),
+    (np.arange(2), np.zeros((3, 3), dtype=np.float16), "shape"),
+    (np.arange(2), np.zeros((2, 4), dtype=np.float16), "shape"),  # 4 classes, the data has 3
+    (np.array([0, 100]), np.zeros((2, 3), dtype=np.float16), "index_range"),
+    (np.array([-1, 0]), np.zeros((2, 3), dtype=np.float16), "index_range"),
+    (np.array([0.0, 1.0]), np.zeros((2, 3), dtype=np.float16), "dtype"),
+    (np.arange(2), np.zeros((2, 3), dtype=np.int64), "dtype"),
 ])
 def test_bad_publications_are_rejected_and_never_served(broker, indices, logits, reason):
     _, b = broker
@@ -168,7 +171,8 @@ def test_killed_broker_is_restarted_with_its_history(ray_cluster, tmp_path):
     import signal
     import time
     labels = np.array([0, 1])
-    b = start_broker("test-broker-kill", 2, num_train=10, probe_labels=labels, token=TOKEN, folder=str(tmp_path))
+    b = start_broker("test-broker-kill", 2, num_train=10, num_classes=3, probe_labels=labels, token=TOKEN,
+                     folder=str(tmp_path))
     try:
         ray.get(b.register_worker.remote(0, TOKEN, 0, {"pid": 1}, 0))
         ray.get(b.publish.remote(1, TOKEN, 0, 5, np.arange(4), _logits(1.0)))
@@ -197,7 +201,7 @@ def test_killed_broker_is_restarted_with_its_history(ray_cluster, tmp_path):
 
 def test_probe_rounds_and_stats_schema(ray_cluster):
     labels = np.array([0, 1, 1])
-    b = start_broker("test-probes", 2, num_train=10, probe_labels=labels, token=TOKEN)
+    b = start_broker("test-probes", 2, num_train=10, num_classes=2, probe_labels=labels, token=TOKEN)
     try:
         z0 = np.array([[3.0, 0.0], [0.0, 3.0], [0.0, 3.0]], dtype=np.float32)
         z1 = np.array([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0]], dtype=np.float32)

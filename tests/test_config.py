@@ -95,6 +95,8 @@ INVALID = [  # (override, the key the error names, words of what is allowed)
     ("checkpoint_every=-5", "checkpoint_every", ">= 0"),
     ("replica_max_failures=-2", "replica_max_failures", ">= 0"),
     ("storage_path=''", "storage_path", "must not be empty"),
+    ("codistill.topk=0", "codistill.topk", ">= 1"),
+    ("codistill.broker_shards=0", "codistill.broker_shards", ">= 1"),
 ]
 
 

@@ -12,7 +12,6 @@ import threading
 import time
 
 import pandas as pd
-import pytest
 import ray
 
 from ray_codistill import launcher

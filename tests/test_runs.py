@@ -114,6 +114,19 @@ def test_codistill_weights_exchange(ray_cluster, smoke_config):
     assert list((result.path / "train" / "smoke-r0").glob("checkpoint_*/state.pt"))
 
 
+def test_codistill_topk_logits_through_sharded_broker(ray_cluster, smoke_config):
+    """The worker path of issue #7's options: top-2 of 4 classes, the store over 2 shard actors."""
+    cfg = smoke_config.replace(**{"codistill.topk": 2, "codistill.broker_shards": 2, "name": "smoke-topk"})
+    result = launcher.run(cfg)
+    metrics = pd.read_parquet(result.path / "metrics.parquet")
+    _assert_learns(metrics, replicas=2, steps=200)
+    for counters in result.summary["broker"].values():
+        assert counters["hits"] > 0 and counters["rejected"] == {}
+        # 2 shards: one call to each per chunk
+        assert counters["publications"] >= 2 * 200 // cfg_chunk()
+    assert (metrics[metrics["step"] > 40].groupby("replica")["train/distill"].mean() > 0).all()
+
+
 def test_codistillation_pulls_replicas_together(comparison):
     """The effect the method exists for: with the same seeds (same inits and data orders), the
     codistilled replicas end closer to each other than independently trained ones."""

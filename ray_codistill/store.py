@@ -1,0 +1,273 @@
+"""The teacher store: per replica, the newest logits of every training sample and their step.
+
+One store holds one shard of the training set: the samples whose index is `shard` modulo
+`num_shards` (all of them when there is one shard; the broker then holds the store itself, and
+with `codistill.broker_shards` > 1 each shard is its own actor, see `broker.start_broker`).
+Modulo sharding spreads every batch over all shards, so each shard sees every replica's newest
+step and the load is even.
+
+With `topk` it keeps only the k largest logits of each sample (float16) and their classes, and
+serves them as dense logits whose other classes are `TOPK_FILL` (softmax gives them no mass: the
+KL teacher is the top-k distribution renormalised). Memory per replica and shard:
+`ceil(N / shards) x (k x 2 + k x 2 + 8)` bytes with top-k, `ceil(N / shards) x (C x 2 + 8)` without.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import ray
+
+AGE_WINDOW = 65536  # recent teacher ages kept per replica for the percentiles
+TOPK_FILL = -1.0e4  # logit of the classes outside a sample's top-k (exp(-1e4) is 0 in float32)
+
+
+class Counters:
+    """Exchange counters of one replica."""
+
+    FIELDS = ("publications", "fetches", "hits", "misses", "bytes_in", "bytes_out")
+
+    def __init__(self) -> None:
+        self.publications = 0
+        self.fetches = 0
+        self.hits = 0
+        self.misses = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.age_max = 0
+        self.rejected: dict[str, int] = {}  # reason -> count
+        self._ages = np.zeros(AGE_WINDOW, dtype=np.int64)
+        self._n_ages = 0
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def add_ages(self, ages: np.ndarray) -> None:
+        if ages.size == 0:
+            return
+        ages = ages[-AGE_WINDOW:]
+        pos = self._n_ages % AGE_WINDOW
+        first = min(ages.size, AGE_WINDOW - pos)
+        self._ages[pos:pos + first] = ages[:first]
+        self._ages[:ages.size - first] = ages[first:]
+        self._n_ages += ages.size
+        self.age_max = max(self.age_max, int(ages.max()))
+
+    def ages(self) -> np.ndarray:
+        return self._ages[:min(self._n_ages, AGE_WINDOW)]
+
+    @classmethod
+    def merged(cls, parts: list["Counters"]) -> "Counters":
+        """One replica's counters over the broker and its shards."""
+        out = cls()
+        for part in parts:
+            for field in cls.FIELDS:
+                setattr(out, field, getattr(out, field) + getattr(part, field))
+            for reason, n in part.rejected.items():
+                out.rejected[reason] = out.rejected.get(reason, 0) + n
+            out.add_ages(part.ages())
+            out.age_max = max(out.age_max, part.age_max)
+        return out
+
+    def as_dict(self) -> dict:
+        ages = self.ages()
+        p50, p95 = (np.percentile(ages, [50, 95]).tolist() if ages.size else (None, None))
+        served = self.hits + self.misses
+        return {
+            "publications": self.publications, "fetches": self.fetches,
+            "hits": self.hits, "misses": self.misses,
+            "hit_rate": self.hits / served if served else None,
+            "age_p50": p50, "age_p95": p95, "age_max": self.age_max if ages.size else None,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "rejected": dict(self.rejected),
+        }
+
+
+class TeacherStore:
+    """Stored logits of one shard: publish with validation, fetch the mean over peers."""
+
+    def __init__(self, num_replicas: int, num_train: int, num_classes: int, topk: int | None = None,
+                 max_staleness: int | None = None, shard: int = 0, num_shards: int = 1) -> None:
+        self.num_replicas, self.num_train, self.num_classes = num_replicas, num_train, num_classes
+        self.topk, self.max_staleness = topk, max_staleness
+        self.shard, self.num_shards = shard, num_shards
+        self.size = len(range(shard, num_train, num_shards))  # samples in this shard
+        self.counters = [Counters() for _ in range(num_replicas)]
+        self.latest_step = np.full(num_replicas, -1, dtype=np.int64)  # newest step each replica published
+        self.floor: dict[tuple[int, int], int] = {}  # (replica, rank) -> newest step it published
+        width = topk or num_classes
+        self._values = [np.zeros((0, width), np.float16)] * num_replicas  # allocated on first use
+        self._classes = [np.zeros((0, width), self._class_dtype())] * num_replicas
+        self._step = [np.full(self.size, -1, dtype=np.int64) for _ in range(num_replicas)]
+
+    def _class_dtype(self):
+        return np.int16 if self.num_classes <= np.iinfo(np.int16).max else np.int32
+
+    def nbytes(self) -> int:
+        """Bytes held for teachers (values, classes and steps of every replica)."""
+        return sum(a.nbytes for arrays in (self._values, self._classes, self._step) for a in arrays)
+
+    def _local(self, indices: np.ndarray) -> np.ndarray:
+        return indices // self.num_shards if self.num_shards > 1 else indices
+
+    # -- publish --------------------------------------------------------------------------------
+    def publish(self, replica: int, rank: int, step, indices, values, classes=None) -> str | None:
+        """Store a publication; returns why it was refused (and counts it), or None."""
+        sent = np.asarray(step)
+        step = np.broadcast_to(sent, np.shape(indices))
+        reason = self._invalid(replica, rank, step, indices, values, classes)
+        c = self.counters[replica]
+        if reason:
+            c.reject(reason)
+            return reason
+        local = self._local(indices)
+        if self._values[replica].shape[0] == 0:
+            self._values[replica] = np.zeros((self.size, values.shape[1]), np.float16)
+            if self.topk:
+                self._classes[replica] = np.zeros((self.size, self.topk), self._class_dtype())
+        self._values[replica][local] = values
+        if self.topk:
+            self._classes[replica][local] = classes
+        self._step[replica][local] = step
+        if step.size:
+            self.floor[(replica, rank)] = int(step[-1])
+            self.latest_step[replica] = max(self.latest_step[replica], int(step[-1]))
+        c.publications += 1
+        c.bytes_in += indices.nbytes + values.nbytes + sent.nbytes + (classes.nbytes if self.topk else 0)
+        return None
+
+    def _invalid(self, replica, rank, step, indices, values, classes) -> str | None:
+        """Why a publication must not be stored and served, or None when it is fine."""
+        arrays = (indices, values) + ((classes,) if self.topk else ())
+        if not all(isinstance(a, np.ndarray) for a in arrays):
+            return "dtype"
+        width = self.topk or self.num_classes
+        if values.ndim != 2 or indices.ndim != 1 or len(indices) != len(values) or values.shape[1] != width:
+            return "shape"
+        if self.topk and classes.shape != values.shape:
+            return "shape"
+        if (not np.issubdtype(indices.dtype, np.integer) or not np.issubdtype(values.dtype, np.floating)
+                or not np.issubdtype(step.dtype, np.integer)
+                or (self.topk and not np.issubdtype(classes.dtype, np.integer))):
+            return "dtype"
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.num_train
+                             or np.any(indices % self.num_shards != self.shard)):
+            return "index_range"
+        if self.topk and classes.size and (classes.min() < 0 or classes.max() >= self.num_classes):
+            return "index_range"
+        if not np.isfinite(values).all():
+            return "non_finite"
+        # steps never go back: within a publication, nor behind what the same worker sent before
+        if step.size and (np.any(np.diff(step) < 0) or step[0] < self.floor.get((replica, rank), -1)):
+            return "step"
+        return None
+
+    # -- fetch ----------------------------------------------------------------------------------
+    def fetch(self, replica: int, indices) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """Mean peer logits for `indices`, a mask of samples that have a teacher, and its age.
+
+        The logits are None when no peer has published anything for these samples yet.
+        Age is counted in the teacher's own steps (its newest step minus the step the stored
+        logits came from), averaged over the peers that answer for the sample; -1 where masked.
+        """
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or (indices.size and (
+                indices.min() < 0 or indices.max() >= self.num_train or np.any(indices % self.num_shards != self.shard))):
+            self.counters[replica].reject("index_range")
+            return None, np.zeros(indices.size, dtype=bool), np.full(indices.size, -1, dtype=np.int32)
+        local = self._local(indices)
+        total = None
+        count = np.zeros(indices.size, dtype=np.int64)
+        age_sum = np.zeros(indices.size, dtype=np.int64)
+        for peer in range(self.num_replicas):
+            if peer == replica or self._values[peer].shape[0] == 0:
+                continue
+            steps = self._step[peer][local]
+            age = self.latest_step[peer] - steps
+            valid = steps >= 0
+            if self.max_staleness is not None:
+                valid &= age <= self.max_staleness
+            if not valid.any():
+                continue
+            peer_logits = self._dense(peer, local)
+            peer_logits[~valid] = 0.0
+            total = peer_logits if total is None else total + peer_logits
+            count += valid
+            age_sum += np.where(valid, age, 0)
+        mask = count > 0
+        teacher = None if total is None else (total / np.maximum(count, 1)[:, None]).astype(np.float16)
+        age = np.where(mask, age_sum // np.maximum(count, 1), -1).astype(np.int32)
+        c = self.counters[replica]
+        c.fetches += 1
+        c.hits += int(mask.sum())
+        c.misses += int(indices.size - mask.sum())
+        c.add_ages(age[mask])
+        c.bytes_in += indices.nbytes
+        c.bytes_out += (teacher.nbytes if teacher is not None else 0) + mask.nbytes + age.nbytes
+        return teacher, mask, age
+
+    def _dense(self, peer: int, local: np.ndarray) -> np.ndarray:
+        values = self._values[peer][local].astype(np.float32)
+        if not self.topk:
+            return values
+        dense = np.full((len(local), self.num_classes), TOPK_FILL, dtype=np.float32)
+        np.put_along_axis(dense, self._classes[peer][local].astype(np.int64), values, axis=1)
+        return dense
+
+    # -- restarts -------------------------------------------------------------------------------
+    def registered(self, replica: int, rank: int, start_step: int, restart: bool) -> None:
+        """A worker (re)started at `start_step`. After a replica's restart from its checkpoint,
+        what it stored from the lost steps counts as `start_step` old, and its workers publish
+        from `start_step` on."""
+        if restart:
+            self.latest_step[replica] = start_step
+            np.minimum(self._step[replica], start_step, out=self._step[replica])
+            self.floor = {k: v for k, v in self.floor.items() if k[0] != replica}
+        self.floor[(replica, rank)] = start_step
+
+
+class Guard:
+    """The experiment token and replica-id check every worker-facing actor method starts with."""
+
+    def __init__(self, token: str, counters: list[Counters]) -> None:
+        self._token, self._counters = token, counters
+        self.unknown = 0  # calls that named no replica of this experiment
+
+    def refuse(self, replica, token) -> str | None:
+        """Why a worker's call is refused: an unknown replica id or a wrong experiment token."""
+        if not isinstance(replica, (int, np.integer)) or not 0 <= replica < len(self._counters):
+            self.unknown += 1
+            return "replica"
+        if not secrets.compare_digest(str(token), self._token):
+            self._counters[replica].reject("token")
+            return "token"
+        return None
+
+
+class StoreShard:
+    """One shard of the teacher store as its own actor (`codistill.broker_shards` > 1); workers
+    call it directly, with the experiment token, and the broker merges its counters."""
+
+    def __init__(self, token: str, **store_args) -> None:
+        self.store = TeacherStore(**store_args)
+        self.guard = Guard(token, self.store.counters)
+
+    @ray.method(max_task_retries=0)
+    def publish(self, replica: int, token: str, rank: int, step, indices, values, classes=None) -> None:
+        if not self.guard.refuse(replica, token):
+            self.store.publish(replica, rank, step, indices, values, classes)
+
+    @ray.method(max_task_retries=0)
+    def fetch(self, replica: int, token: str, indices):
+        if self.guard.refuse(replica, token):
+            return None, np.zeros(len(indices), dtype=bool), np.full(len(indices), -1, dtype=np.int32)
+        return self.store.fetch(replica, indices)
+
+    def registered(self, replica: int, rank: int, start_step: int, restart: bool) -> None:
+        self.store.registered(replica, rank, start_step, restart)
+
+    def counters(self) -> list[Counters]:
+        return self.store.counters
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
