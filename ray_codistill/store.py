@@ -14,6 +14,7 @@ KL teacher is the top-k distribution renormalised). Memory per replica and shard
 
 from __future__ import annotations
 
+import os
 import secrets
 
 import numpy as np
@@ -271,3 +272,6 @@ class StoreShard:
 
     def nbytes(self) -> int:
         return self.store.nbytes()
+
+    def ping(self) -> int:
+        return os.getpid()

@@ -1,0 +1,166 @@
+"""Broker latency, throughput and memory, on a local Ray (prints tables; asserts nothing).
+
+1. Round trip: each of R load actors (separate processes, as replica workers are) plays a replica:
+   it publishes the logits of a batch (`batch` x `classes` float16, fire-and-forget, as workers do)
+   and then fetches its peers' logits for another batch, waiting for the answer, through the same
+   `BrokerClient` workers use. Latency is the time of that pair; p50 / p99 over every pair after
+   warm-up; pairs/s is all pairs done by all actors over the wall time of the slowest.
+   Rows: classes 10 and 1000, R = 2, 4, 8, and broker shards 1, 2, 4.
+2. Memory: one replica publishes every sample of a dataset of N samples x 1000 classes into the
+   store (dense, or `--topk` largest logits), over 1, 2 or 4 shards; reported are the bytes the
+   store holds (exact) and the resident memory of the broker and shard processes (from /proc),
+   per replica that published, against N and shards. ImageNet-1k is N = 1,281,167.
+
+    python benchmarks/broker.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import ray
+
+from ray_codistill.broker import BrokerClient, start_broker, stop_broker
+from ray_codistill.report import human_bytes, to_markdown
+
+TOKEN = "benchmark"
+IMAGENET = 1_281_167
+
+
+@ray.remote(num_cpus=0)
+class LoadReplica:
+    """Publishes then fetches, `pairs` times, like a replica worker; returns its latencies."""
+
+    def __init__(self, name: str, replica: int, shards: int, num_train: int, classes: int, batch: int,
+                 pairs: int, seed: int) -> None:
+        self.client = BrokerClient(name, replica, timeout_s=60.0, token=TOKEN, shards=shards)
+        rng = np.random.default_rng(seed)
+        # made before the clock starts: only broker traffic is timed
+        self.batches = [(rng.choice(num_train, batch, replace=False), rng.choice(num_train, batch, replace=False),
+                         rng.normal(size=(batch, classes)).astype(np.float16)) for _ in range(pairs)]
+
+    def run(self) -> tuple[list[float], float]:
+        latencies = []
+        start = time.perf_counter()
+        for step, (publish_idx, fetch_idx, logits) in enumerate(self.batches):
+            t0 = time.perf_counter()
+            self.client.publish(np.full(publish_idx.size, step), publish_idx, logits)
+            answer = self.client.resolve(self.client.fetch_async(fetch_idx))
+            latencies.append(time.perf_counter() - t0)
+            assert answer is not None, "the broker did not answer"
+        return latencies, time.perf_counter() - start
+
+
+def round_trip(classes: int, replicas: int, shards: int, pairs: int, warmup: int, batch: int,
+               num_train: int) -> dict:
+    name = f"bench-{classes}-{replicas}-{shards}"
+    broker = start_broker(name, replicas, num_train, classes, token=TOKEN, shards=shards)
+    try:
+        actors = [LoadReplica.remote(name, r, shards, num_train, classes, batch, warmup + pairs, r)
+                  for r in range(replicas)]
+        results = ray.get([a.run.remote() for a in actors])
+        lat = np.concatenate([np.asarray(lats[warmup:]) for lats, _ in results]) * 1e3
+        wall = max(elapsed for _, elapsed in results)
+        for a in actors:
+            ray.kill(a)
+    finally:
+        stop_broker(broker)
+    return {"logits": f"{batch} x {classes}", "replicas": replicas, "shards": shards,
+            "p50 ms": np.percentile(lat, 50), "p99 ms": np.percentile(lat, 99),
+            "pairs/s": replicas * (warmup + pairs) / wall}
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def memory(num_train: int, classes: int, shards: int, topk: int | None, chunk: int = 8192) -> dict:
+    name = f"bench-mem-{num_train}-{shards}-{topk}"
+    broker = start_broker(name, 2, num_train, classes, token=TOKEN, topk=topk, shards=shards)
+    try:
+        shard_handles = ray.get(broker.shard_handles.remote())
+        pids = ray.get([broker.ping.remote(), *(s.ping.remote() for s in shard_handles)])
+        before = sum(_rss(p) for p in pids)
+        client = BrokerClient(name, 1, timeout_s=60.0, token=TOKEN, shards=shards)
+        rng = np.random.default_rng(0)
+        z = rng.normal(size=(chunk, classes)).astype(np.float16)
+        if topk:
+            classes_ids = np.argsort(-z.astype(np.float32), axis=1)[:, :topk].astype(np.int16)
+            values = np.take_along_axis(z, classes_ids, axis=1)
+        for lo in range(0, num_train, chunk):
+            idx = np.arange(lo, min(lo + chunk, num_train))
+            n = idx.size
+            if topk:
+                client.publish(0, idx, values[:n], classes_ids[:n])
+            else:
+                client.publish(0, idx, z[:n])
+            if lo // chunk % 16 == 15:
+                ray.get(broker.ping.remote())  # keep the object store from filling with queued calls
+        # asked by this process, so after all its publications (calls from one caller run in order)
+        if shards > 1:
+            held = sum(ray.get([s.nbytes.remote() for s in client.shards]))
+        else:
+            held = ray.get(broker.nbytes.remote())["broker"]
+        after = sum(_rss(p) for p in pids)
+    finally:
+        stop_broker(broker)
+    return {"samples": num_train, "classes": classes, "topk": topk or "all", "shards": shards,
+            "store per replica": human_bytes(held), "bytes/sample": held / num_train,
+            "RSS growth (all processes)": human_bytes(after - before)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer pairs and a smaller dataset (a few minutes)")
+    ap.add_argument("--pairs", type=int, help="timed publish+fetch pairs per replica (default 1000, quick 200)")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--num-train", type=int, default=50_000, help="samples in the store for the round trips")
+    ap.add_argument("--memory-samples", type=int, nargs="+",
+                    help=f"dataset sizes for the memory table (default 128000 {IMAGENET}; quick 128000)")
+    ap.add_argument("--topk", type=int, default=10, help="k of the top-k rows of the memory table")
+    args = ap.parse_args(argv)
+    pairs = args.pairs or (200 if args.quick else 1000)
+    warmup = max(20, pairs // 10)
+    sizes = args.memory_samples or ([128_000] if args.quick else [128_000, IMAGENET])
+
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    print(f"# broker benchmark: {platform.node()}, {os.cpu_count()} CPUs, Ray {ray.__version__}, "
+          f"Python {platform.python_version()}")
+    print(f"command: {' '.join([sys.executable.split('/')[-1], *sys.argv])}\n")
+
+    rows = []
+    grid = [(10, r, 1) for r in (2, 4, 8)] + [(1000, r, 1) for r in (2, 4, 8)]
+    grid += [(c, 2, s) for c in (10, 1000) for s in (2, 4)]
+    for classes, replicas, shards in grid:
+        rows.append(round_trip(classes, replicas, shards, pairs, warmup, args.batch, args.num_train))
+        print(f"  done: {rows[-1]['logits']}, {replicas} replicas, {shards} shard(s)", file=sys.stderr, flush=True)
+    table = pd.DataFrame(rows)
+    for col in ("p50 ms", "p99 ms"):
+        table[col] = table[col].map(lambda v: f"{v:.2f}")
+    table["pairs/s"] = table["pairs/s"].map(lambda v: f"{v:.0f}")
+    print(f"## publish + fetch round trip ({pairs} timed pairs per replica after {warmup} warm-up)\n")
+    print(to_markdown(table) + "\n")
+
+    rows = []
+    for n in sizes:
+        for shards in (1, 2, 4):
+            for topk in (None, args.topk):
+                rows.append(memory(n, 1000, shards, topk))
+                print(f"  done: memory {n} samples, {shards} shard(s), topk {topk}", file=sys.stderr, flush=True)
+    table = pd.DataFrame(rows)
+    table["bytes/sample"] = table["bytes/sample"].map(lambda v: f"{v:.0f}")
+    print("## store memory for one replica's logits (1000 classes)\n")
+    print(to_markdown(table))
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
