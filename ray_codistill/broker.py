@@ -1,11 +1,13 @@
 """The prediction broker: one Ray actor per experiment, and the small client workers use.
 
 The broker owns everything replicas share without ever waiting on each other:
-- `logits` exchange: per replica, the latest float16 logits of every training sample and the
-  replica step they came from; `fetch` answers with the mean over peers, a mask and the age;
+- `logits` exchange: the teacher store (`store.py`): per replica, the latest float16 logits (or
+  top-k) of every training sample and the step they came from; `fetch` answers with the mean over
+  peers, a mask and the age. With `broker_shards` > 1 the store lives in shard actors instead,
+  which workers call directly, and the broker only merges their counters;
 - `weights` exchange: per replica, the object reference of its latest CPU state dict;
 - exchange counters (publications, fetches, hits, misses, teacher age, bytes in and out, and
-  publications rejected by reason: shape, dtype, index range, non-finite values);
+  calls rejected by reason);
 - the divergence probe rounds (`divergence.ProbeRounds`), `stats()` for live queries, and the
   same figures as Ray metrics;
 - the per-step metric rows of every replica (Ray Train keeps only rows reported with a
@@ -121,7 +123,7 @@ class Broker:
 
     # -- what survives a restart ------------------------------------------------------------------
     _DURABLE = ("_progress", "_workers", "_events", "rounds")
-    _DURABLE_STORE = ("counters", "latest_step", "floor")
+    _DURABLE_STORE = ("counters", "latest_step", "floor")  # the teacher values themselves are not kept
 
     def _reload(self) -> None:
         self._rows = self.journal.load_rows()
@@ -130,10 +132,10 @@ class Broker:
         if state is not None:
             for key in self._DURABLE:
                 setattr(self, key, state[key])
-            for key in self._DURABLE_STORE:
-                setattr(self.store, key, state["store"][key])
-            self.counters, self.latest_step = self.store.counters, self.store.latest_step
-            self.guard = Guard(self.guard._token, self.counters)
+            saved = state["store"]  # restored in place: self.counters, the guard's, are the same objects
+            self.store.counters[:] = saved["counters"]
+            self.store.latest_step[:] = saved["latest_step"]
+            self.store.floor.update(saved["floor"])
             self.started = state["started"]
             self._event(-1, "broker_reloaded", None)
 
