@@ -128,6 +128,8 @@ def test_every_checked_key_has_a_row_in_the_invalid_values_table():
 
     import ray_codistill.config as config_module
     source = Path(config_module.__file__).read_text()
-    checked = set(re.findall(r'_(?:check|choice)\([^"]*"([a-z_.]+)"', source, flags=re.S))
+    # calls, not the definitions; the key is the first string after a comma on the call's line
+    # (a condition may hold strings too)
+    checked = set(re.findall(r'(?<!def )_(?:check|choice)\([^\n]*?,\s*"([a-z_.]+)"', source))
     table = {key for _, key, _ in INVALID}
     assert checked and checked <= table, f"no invalid-value row for: {sorted(checked - table)}"
