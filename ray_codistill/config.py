@@ -106,7 +106,10 @@ class CodistillConfig:
     temperature: float = 1.0  # kl only: softmax temperature; the term is scaled by T^2
     exchange: Literal["logits", "weights"] = "logits"
     exchange_every: int = 50  # weights mode: steps between publications of a replica's weights
-    exchange_batches: int = 8  # logits mode: batches fetched / published per broker call
+    # logits mode: batches fetched / published per broker call. A call costs about a millisecond of
+    # CPU on each side whatever its size, so small chunks slow small models (benchmarks/overhead.py);
+    # a chunk adds about half its length in steps to the teachers' age.
+    exchange_batches: int = 32
     max_staleness: int | None = None  # logits mode: drop teachers older than this many teacher steps
     fetch_timeout_s: float = 1.0  # a broker answer later than this means "no teacher this step"
     probe_size: int = 512  # divergence probe: the first probe_size validation samples

@@ -7,6 +7,7 @@ This module owns:
 - `train_batches`: the endless batch stream of one worker: each replica has its own order, the
   workers of one replica get disjoint shards each epoch, and a resumed stream continues exactly
   where a fresh one would be.
+- `train_indices`: the sample indices of those batches, without loading the samples.
 - `eval_batches`: a whole split, in order.
 
 Nothing is ever downloaded: image data must already be on disk under `data.root`.
@@ -245,6 +246,13 @@ def train_batches(ds: Dataset, batch_size: int, seed: int, rank: int, world_size
         return ((ds.x[b], ds.y[b], b) for b in batches)
     loader = DataLoader(ds, batch_sampler=(b.tolist() for b in batches), num_workers=num_workers)
     return iter(loader)
+
+
+def train_indices(ds: Dataset, batch_size: int, seed: int, rank: int, world_size: int,
+                  start_step: int = 0) -> Iterator[Tensor]:
+    """The sample indices of `train_batches`' batches, in the same order, without loading a sample:
+    a worker looks ahead at what it will train on (to ask for its teachers early) this way."""
+    return _shard_batches(ds, batch_size, seed, rank, world_size, start_step)
 
 
 def eval_batches(ds: Dataset, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:

@@ -37,7 +37,8 @@ def alpha_at(step: int, alpha: float, burn_in: int, ramp_steps: int) -> float:
 
 
 def distillation_per_sample(
-    student_logits: Tensor, teacher_logits: Tensor, distance: str, temperature: float
+    student_logits: Tensor, teacher_logits: Tensor, distance: str, temperature: float,
+    student_log_probs: Tensor | None = None,
 ) -> Tensor:
     """Per-sample distance between student and teacher logits, shape [B].
 
@@ -46,7 +47,9 @@ def distillation_per_sample(
     - ``mse``: mean over classes of (student - teacher)^2 on the raw logits (T is ignored).
 
     The teacher is detached here, whatever the caller did, and cast to the student's dtype (the
-    broker ships float16 logits).
+    broker ships float16 logits). ``student_log_probs``, if given, is log_softmax(student_logits)
+    computed already (`codistill_loss` has it from the cross-entropy); ``kl`` with T = 1 uses it
+    instead of computing it again.
     """
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; expected one of {DISTANCES}")
@@ -64,18 +67,20 @@ def distillation_per_sample(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     t = float(temperature)
+    # At T = 1 the divisions and the T^2 scaling are skipped: the same numbers, fewer small ops (on
+    # a small model each op of the loss is a visible share of a step, see benchmarks/overhead.py).
+    if t == 1.0:
+        log_p = F.log_softmax(student_logits, dim=-1) if student_log_probs is None else student_log_probs
+        log_q = F.log_softmax(teacher, dim=-1)
+    else:
+        log_p, log_q = F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher / t, dim=-1)
     # F.kl_div(input, target) computes KL(target || input): the student goes first. Swapping the
     # arguments (the classic mistake) gives the mode-seeking direction instead. log_target=True
     # keeps both sides in log space, which is stable for very confident teachers.
-    kl = F.kl_div(
-        F.log_softmax(student_logits / t, dim=-1),
-        F.log_softmax(teacher / t, dim=-1),
-        log_target=True,
-        reduction="none",
-    ).sum(dim=-1)
+    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(dim=-1)
     # Gradients of the softened KL scale as 1/T^2; multiplying back keeps alpha's meaning
     # independent of the temperature (Hinton et al. 2015).
-    return kl * (t * t)
+    return kl if t == 1.0 else kl * (t * t)
 
 
 def codistill_loss(
@@ -101,15 +106,19 @@ def codistill_loss(
     ``mask`` is a bool tensor [B]; None means every sample has a teacher. Teacher rows under a
     False mask may hold anything, NaN included: they are never read.
     """
-    ce = F.cross_entropy(logits, targets)
     if teacher_logits is None or alpha == 0:
+        ce = F.cross_entropy(logits, targets)
         # Return ce itself, not ce + 0 * distill: alpha == 0 must be plain cross-entropy, bit for
         # bit, and must not depend on teacher values that may be NaN.
         return ce, ce, ce.new_zeros(())
 
+    # F.cross_entropy is nll_loss of log_softmax (the same numbers); computed here, the student's
+    # log-softmax serves the KL term too: one log-softmax and its backward less per step.
+    log_p = F.log_softmax(logits, dim=-1)
+    ce = F.nll_loss(log_p, targets)
     batch = logits.shape[0]
     if mask is None:
-        student, teacher = logits, teacher_logits
+        student, teacher, student_log_p = logits, teacher_logits, log_p
     else:
         if mask.dtype != torch.bool or mask.shape != (batch,):
             raise ValueError(
@@ -120,7 +129,8 @@ def codistill_loss(
         # would poison both the loss and the gradient.
         mask = mask.to(logits.device)
         student, teacher = logits[mask], teacher_logits[mask.to(teacher_logits.device)]
-    per_sample = distillation_per_sample(student, teacher, distance, temperature)
+        student_log_p = log_p[mask]
+    per_sample = distillation_per_sample(student, teacher, distance, temperature, student_log_p)
     # Sum of an empty selection is 0, so a batch with no teacher at all gives distill == 0.
     distill = per_sample.sum() / batch
     return ce + alpha * distill, ce, distill

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from ray_codistill.broker import BrokerClient
 from ray_codistill.config import ExperimentConfig
 from ray_codistill.errors import NonFiniteError
-from ray_codistill.data import eval_batches, probe_split, train_batches
+from ray_codistill.data import eval_batches, probe_split, train_batches, train_indices
 from ray_codistill.loss import alpha_at, codistill_loss
 from ray_codistill.models import build_model
 from ray_codistill.optim import build_optimizer
 
 
 FINISH_TIMEOUT_S = 300.0
+PREFETCH_LEAD_STEPS = 4  # logits mode: steps between asking for a chunk of teachers and using it
 
 
 def replica_seed(seed: int, replica: int) -> int:
@@ -45,7 +46,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class Lookahead:
-    """An iterator of batches that can show the next ones without consuming them."""
+    """An iterator that can show its next items without consuming them."""
 
     def __init__(self, it) -> None:
         self.it, self.buffer = it, deque()
@@ -63,78 +64,91 @@ class Lookahead:
 
 
 class LogitsTeacher:
-    """Peers' stored logits for our batches, `chunk` batches per broker call, one chunk ahead.
+    """Peers' stored logits for our batches, `chunk` batches per broker call, asked ahead.
 
-    While the steps of one chunk train, the teachers of the next chunk are in flight, so a step
-    seldom waits on the broker (at most `fetch_timeout_s`, when the cache runs out); our own logits
-    are sent `chunk` batches at a time, fire-and-forget.
-    Fewer, larger calls keep Ray's per-call cost off the training step.
+    The teachers of the next `chunk` steps are asked for `lead` steps before the first of them
+    trains, so a step seldom waits on the broker (at most `fetch_timeout_s`, when the answer is
+    late); our own logits are sent `chunk` batches at a time, fire-and-forget.
+    What this costs a step is measured by benchmarks/overhead.py; what it is made of:
+    - a Ray actor call costs about a millisecond of CPU on both sides (the worker's submission,
+      the broker's execution), and on a machine without spare cores the broker's share is taken
+      from the workers: fewer, larger calls (`chunk`) keep it off the training step;
+    - per chunk, not per step: one float16 -> float32 conversion and copy of the answer (Ray's
+      arrays are read-only), one copy of our logits to float16 on the CPU (one device sync);
+      per step only views of those;
+    - a batch whose samples all have a teacher goes without a mask (boolean indexing and its
+      backward cost more than the distillation term itself on a small model).
+    With `topk`, only each sample's k largest logits and their classes are published.
     """
 
-    def __init__(self, client: BrokerClient, chunk: int, topk: int | None = None) -> None:
-        self.client, self.chunk, self.topk = client, chunk, topk
-        self.cache: dict[int, tuple] = {}  # step -> (logits, mask, ages) of teachers received
+    def __init__(self, client: BrokerClient, chunk: int, device: torch.device, topk: int | None = None,
+                 lead: int | None = None) -> None:
+        self.client, self.chunk, self.device, self.topk = client, chunk, device, topk
+        # steps between asking for a chunk and its first step: long enough for a broker round
+        # trip, short because every step of lead adds a step of staleness to the chunk's teachers
+        self.lead = min(chunk, PREFETCH_LEAD_STEPS) if lead is None else lead
+        self.cache: dict[int, tuple] = {}  # step -> (logits, mask or None, ages of the hits)
         self.pending = None  # (first step, batch sizes, ref) of the chunk in flight
         self.next_step: int | None = None  # first step whose teachers were not asked for yet
-        self.outbox: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self.outbox: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, idx, logits)
 
     def _receive(self) -> None:
         first, sizes, ref = self.pending
         self.pending = None
         answer = self.client.resolve(ref)
         if answer is None or answer[0] is None:
-            # broker late or gone, or no peer has published yet: these steps go without, and the
-            # next request starts at the next step (else each empty chunk pushed it further ahead)
-            self.next_step = None
-            return
+            return  # broker late or gone, or no peer has published yet: these steps go without
         logits, mask, age = answer
+        logits = torch.from_numpy(logits.astype(np.float32)).to(self.device)  # astype copies: writable
         bounds = np.cumsum([0, *sizes])
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            self.cache[first + i] = (logits[lo:hi], mask[lo:hi], age[lo:hi])
+            m = mask[lo:hi]
+            if m.all():
+                self.cache[first + i] = (logits[lo:hi], None, age[lo:hi])
+            elif m.any():
+                self.cache[first + i] = (logits[lo:hi], torch.from_numpy(m.copy()).to(self.device), age[lo:hi][m])
+            # no teacher for any sample of the batch: the step trains on labels alone
 
     def _request(self, step: int, upcoming: Lookahead) -> None:
-        if self.next_step is None or self.next_step <= step:
-            self.next_step = step + 1
         offset = self.next_step - (step + 1)  # `upcoming` starts at step + 1
-        idx = [b[2].numpy() for b in upcoming.peek(offset + self.chunk)[offset:]]
+        idx = [b.numpy() for b in upcoming.peek(offset + self.chunk)[offset:]]
         self.pending = (self.next_step, [len(i) for i in idx], self.client.fetch_async(np.concatenate(idx)))
         self.next_step += self.chunk
 
     def teacher(self, x: torch.Tensor, step: int, device: torch.device, upcoming: Lookahead):
-        if not self.cache or max(self.cache) <= step:
-            if self.pending is not None:
-                self._receive()
+        if self.pending is not None and self.pending[0] <= step:
+            self._receive()  # due now: waits for the answer, at most fetch_timeout_s
+        if self.next_step is None or self.next_step <= step:
+            # first call, or we fell behind (a late or empty answer): ask from the next step on;
+            # requests are paced by `lead`, so missed chunks never push them further ahead
+            self.next_step = step + 1
+        if self.pending is None and self.next_step <= step + self.lead:
             self._request(step, upcoming)
-        found = self.cache.pop(step, None)
         for old in [s for s in self.cache if s < step]:
             del self.cache[old]
-        if found is None:
-            return None
-        logits, mask, age = found
-        # torch.tensor copies: arrays from Ray's object store are read-only
-        return torch.tensor(logits, device=device), torch.tensor(mask, device=device), age[mask]
+        return self.cache.pop(step, None)
 
     def publish(self, step: int, idx: torch.Tensor, logits: torch.Tensor) -> None:
-        logits = logits.detach()
+        self.outbox.append((step, idx, logits.detach()))
+        if len(self.outbox) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.outbox:
+            return
+        steps = np.repeat([s for s, _, _ in self.outbox], [len(i) for _, i, _ in self.outbox])
+        logits = torch.cat([z for _, _, z in self.outbox])
         classes = None
         if self.topk is not None:  # only the k largest logits and their classes leave the worker
             dtype = torch.int16 if logits.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
             logits, classes = logits.topk(self.topk, dim=1)
             classes = classes.to("cpu", dtype).numpy()
-        self.outbox.append((step, idx.numpy(), logits.to("cpu", torch.float16).numpy(), classes))
-        if len(self.outbox) >= self.chunk:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.outbox:
-            steps = np.concatenate([np.full(len(i), s) for s, i, _, _ in self.outbox])
-            logits = np.concatenate([z for _, _, z, _ in self.outbox])
-            if not np.isfinite(logits).all():  # already on the CPU: this check costs no device sync
-                raise NonFiniteError(f"replica {self.client.replica}: non-finite logits at steps "
-                                     f"{steps[0]}-{steps[-1]}; not published, restarting from the last checkpoint")
-            classes = None if self.topk is None else np.concatenate([c for *_, c in self.outbox])
-            self.client.publish(steps, np.concatenate([i for _, i, _, _ in self.outbox]), logits, classes)
-            self.outbox = []
+        logits = logits.to("cpu", torch.float16).numpy()
+        if not np.isfinite(logits).all():  # already on the CPU: this check costs no device sync
+            raise NonFiniteError(f"replica {self.client.replica}: non-finite logits at steps "
+                                 f"{steps[0]}-{steps[-1]}; not published, restarting from the last checkpoint")
+        self.client.publish(steps, torch.cat([i for _, i, _ in self.outbox]).numpy(), logits, classes)
+        self.outbox = []
 
 
 class WeightsTeacher:
@@ -184,8 +198,9 @@ class WeightsTeacher:
         self.tally["hits"] += x.shape[0]
         self.tally["ages"].append(int(np.mean(ages)))
         with torch.no_grad():
-            logits = torch.stack([m(x) for m, _ in self.peers.values()]).mean(0)
-        return logits, torch.ones(x.shape[0], dtype=torch.bool, device=device), np.asarray(ages)
+            outputs = [m(x) for m, _ in self.peers.values()]
+            logits = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)  # one peer: no copy
+        return logits, None, np.asarray(ages)  # every sample has a teacher: no mask
 
     def flush(self) -> None:
         """Send the teacher counters kept since the last flush (the broker cannot see them)."""
@@ -297,8 +312,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.register_comm_hook(None, counter.hook)
     optimizer, scheduler = build_optimizer(cfg.optim, model, cfg.steps)
     start = _restore(model, optimizer, scheduler)
-    batches = Lookahead(train_batches(splits.train, cfg.batch_size, seed, rank, world, start_step=start,
-                            num_workers=cfg.data.num_workers))
+    batches = train_batches(splits.train, cfg.batch_size, seed, rank, world, start_step=start,
+                            num_workers=cfg.data.num_workers)
+    # the sample indices of the coming batches, for asking the broker ahead; indices only: looking
+    # ahead at the batches themselves would hold a chunk of (image) batches in memory
+    upcoming = Lookahead(train_indices(splits.train, cfg.batch_size, seed, rank, world, start_step=start))
 
     client = BrokerClient(cfg.name, replica, cfg.codistill.fetch_timeout_s, loop_config["token"], rank,
                           cfg.codistill.broker_shards)
@@ -308,7 +326,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     exchange = None
     if cfg.distills:
         _wait_for_peers(client, cfg.num_models, cfg.codistill.wait_for_peers_s)
-        exchange = (LogitsTeacher(client, cfg.codistill.exchange_batches, cfg.codistill.topk)
+        exchange = (LogitsTeacher(client, cfg.codistill.exchange_batches, device, cfg.codistill.topk)
                     if cfg.codistill.exchange == "logits" else
                     WeightsTeacher(client, model_fn, cfg.codistill.exchange_every, device))
     cc = cfg.codistill
@@ -325,9 +343,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         x, y, idx = next(batches)
+        next(upcoming)  # in step with the batches: it shows the indices of steps after this one
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         alpha = alpha_of(step)
-        teacher = exchange.teacher(x, step, device, batches) if exchange is not None and alpha > 0 else None
+        teacher = exchange.teacher(x, step, device, upcoming) if exchange is not None and alpha > 0 else None
 
         logits = model(x)
         loss, ce, distill = codistill_loss(logits, y, teacher and teacher[0], teacher and teacher[1],
@@ -349,14 +368,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         win["ce"] += ce.detach()
         win["distill"] += distill.detach()
         if teacher is not None:
-            win["hits"] += teacher[1].sum()
+            win["hits"] += y.numel() if teacher[1] is None else teacher[1].sum()
             win["ages"].append(np.asarray(teacher[2]))
 
         done = step + 1
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
         if done % cfg.log_every == 0 or is_eval:
-            if exchange is not None:
-                exchange.flush()
+            if isinstance(exchange, WeightsTeacher):
+                exchange.flush()  # its teacher counters; logits go out only in whole chunks
             if not math.isfinite(float(win["loss"])):  # one device sync per log row, not per step
                 raise NonFiniteError(f"replica {replica}: non-finite loss in steps {done - win['n']}-{done}; "
                                      f"restarting from the last checkpoint")

@@ -238,7 +238,7 @@ def test_a_replica_with_non_finite_outputs_raises_instead_of_publishing(broker):
     from ray_codistill.replica import LogitsTeacher, WeightsTeacher
     name, b = broker
     client = BrokerClient(name, replica=1, timeout_s=5.0, token=TOKEN)
-    teacher = LogitsTeacher(client, chunk=2)
+    teacher = LogitsTeacher(client, chunk=2, device=torch.device("cpu"))
     teacher.publish(0, torch.arange(2), torch.zeros(2, 3))
     with pytest.raises(NonFiniteError, match="non-finite logits at steps 0-1"):
         teacher.publish(1, torch.arange(2, 4), torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]]))

@@ -10,7 +10,7 @@ from PIL import Image
 
 from ray_codistill.config import DataConfig
 from ray_codistill.data import (DataError, ImageDataset, InMemoryDataset, describe, eval_batches, load_splits,
-                                train_batches)
+                                train_batches, train_indices)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,15 @@ def test_start_step_resumes_exactly(k):
     assert all(torch.equal(u, v) for u, v in zip(fresh[k:], resumed))
 
 
+@pytest.mark.parametrize("start", [0, 7])
+def test_train_indices_are_the_batches_indices(start):
+    """The look-ahead a worker asks the broker with must name the samples it will train on."""
+    ds = toy(90)
+    batches = idx_of(train_batches(ds, 9, seed=3, rank=1, world_size=2, start_step=start), 12)
+    indices = list(itertools.islice(train_indices(ds, 9, seed=3, rank=1, world_size=2, start_step=start), 12))
+    assert all(torch.equal(u, v) for u, v in zip(batches, indices))
+
+
 def test_batch_larger_than_shard_is_refused():
     with pytest.raises(ValueError, match="batch_size 40"):
         next(train_batches(toy(60), 40, seed=0, rank=0, world_size=2))
@@ -149,6 +158,7 @@ def test_imagefolder_with_train_and_val(tmp_path):
     assert set(s.train.indices).isdisjoint(s.val.indices)
     x, y, idx = next(train_batches(s.train, 4, seed=0, rank=0, world_size=1))
     assert x.shape == (4, 3, 16, 16) and y.dtype == torch.int64 and idx.max() < 16
+    assert torch.equal(next(train_indices(s.train, 4, seed=0, rank=0, world_size=1)), idx)
     x0, y0, i0 = s.train[int(idx[0])]
     assert torch.equal(x0, x[0]) and y0 == y[0] and i0 == idx[0]
     assert [len(b[2]) for b in eval_batches(s.test, 4)] == [4, 2]

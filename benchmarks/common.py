@@ -1,0 +1,126 @@
+"""Helpers shared by the benchmarks: a local Ray, quiet runs through the real launcher, tables.
+
+Benchmarks run whole experiments with `ray_codistill.launcher.run`, exactly as a user would;
+results and temporary data go to a temp folder, never into the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def temp_root(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"ray_codistill_{prefix}_"))
+
+
+def start_ray(num_cpus: int | None = None) -> None:
+    """A local Ray of our own (never `ray stop`: other Ray instances on the machine stay alone).
+    No dashboard and no log forwarding: fewer background processes competing for the cores."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
+
+
+def worker_torch_threads(cpus_per_worker: float) -> int:
+    """torch threads of a Ray worker holding `cpus_per_worker` CPUs (Ray sets OMP_NUM_THREADS
+    from the CPUs it grants; Ray Train workers get the same)."""
+    import ray
+    import torch
+
+    @ray.remote(num_cpus=cpus_per_worker)
+    def threads() -> int:
+        return torch.get_num_threads()
+
+    return ray.get(threads.remote())
+
+
+def run_experiment(cfg, log_path: Path):
+    """`launcher.run(cfg)` with its progress lines written to `log_path` instead of the terminal."""
+    from ray_codistill import launcher
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log):
+        return launcher.run(cfg, overwrite=True, progress_every_s=1e9)
+
+
+def machine() -> str:
+    import ray
+    import torch
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return (f"{platform.node()}: {cores} cores ({usable} usable), {platform.processor() or platform.machine()}; "
+            f"python {platform.python_version()}, torch {torch.__version__} "
+            f"(driver threads {torch.get_num_threads()}), ray {ray.__version__}; git {git_revision()}")
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev or "unknown") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def command() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def steady_rate(metrics: pd.DataFrame, skip_steps: int) -> float:
+    """Samples/s of one model: per replica, the median of `perf/samples_per_s` over the metric rows
+    after `skip_steps` (warm-up, burn-in), then the mean over replicas."""
+    rows = metrics[metrics["step"] > skip_steps]
+    if rows.empty:
+        raise ValueError(f"no metric rows after step {skip_steps}; run more steps")
+    return float(rows.groupby("replica")["perf/samples_per_s"].median().mean())
+
+
+def table(headers: list[str], rows: list[list], right: set[int] | None = None) -> str:
+    """A markdown table (pandas' to_markdown needs `tabulate`, which is not a dependency)."""
+    right = right if right is not None else set(range(1, len(headers)))
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+
+    def line(values):
+        return "| " + " | ".join(v.rjust(w) if i in right else v.ljust(w)
+                                 for i, (v, w) in enumerate(zip(values, widths))) + " |"
+
+    rule = "| " + " | ".join(("-" * (w - 1) + ":") if i in right else "-" * w for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(headers), rule, *(line(r) for r in cells)])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"  # pragma: no cover
+
+
+class Clock:
+    """Seconds since the benchmark started, for progress lines."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+
+    def __str__(self) -> str:
+        return f"{time.time() - self.start:5.0f}s"
