@@ -396,7 +396,10 @@ def start_broker(experiment: str, num_replicas: int, num_train: int, num_classes
 
 def stop_broker(handle) -> None:
     """Kill the broker and its shards (the end of a run)."""
-    shards = ray.get(handle.shard_handles.remote(), timeout=30)
+    try:
+        shards = ray.get(handle.shard_handles.remote(), timeout=30)
+    except Exception:  # the broker is gone already; its shards die with the driver's job
+        shards = []
     for actor in (handle, *shards):
         ray.kill(actor)
 
