@@ -42,9 +42,9 @@ def _wait_for_progress(name: str, deadline_s: float = 180) -> dict:
 
 def test_stats_while_training(ray_cluster, tmp_path):
     # long enough to be queried while it trains, whatever the load: the MNIST-1D CNN is compute
-    # bound (about 500 steps/s at best on this machine, so 15,000 steps last 30 s or more); the
+    # bound (about 500 steps/s at best on this machine, so 30,000 steps last 60 s or more); the
     # smoke MLP ran so fast that queries came after the end
-    steps = 15000
+    steps = 30000
     cfg = load_config(CONFIGS / "mnist1d.yaml", [f"steps={steps}", "log_every=100", "eval_every=5000",
                                                  "codistill.probe_every=1000", "cpus_per_worker=0.5"],
                       name="live", storage_path=str(tmp_path))
