@@ -31,7 +31,8 @@ def _config(tmp_path, name: str):
 
 
 def _stats_json(name: str) -> dict | None:
-    out = subprocess.run([sys.executable, "-m", "ray_codistill.cli", "stats", name, "--json"], cwd=ROOT,
+    address = ray.get_runtime_context().gcs_address  # this session's cluster, not the newest on the machine
+    out = subprocess.run([sys.executable, "-m", "ray_codistill.cli", "stats", name, "--json", "--address", address], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     return json.loads(out.stdout) if out.returncode == 0 else None
 

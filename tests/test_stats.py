@@ -24,6 +24,10 @@ REPLICA_KEYS = {"step", "train_loss", "val_acc", "samples_per_s", "publications"
 
 
 def _stats(*args: str) -> subprocess.CompletedProcess:
+    # this session's cluster by address: "auto" finds the newest Ray on the machine, maybe another's
+    import ray
+    if ray.is_initialized() and "--address" not in args:
+        args = (*args, "--address", ray.get_runtime_context().gcs_address)
     return subprocess.run([sys.executable, "-m", "ray_codistill.cli", "stats", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
@@ -54,7 +58,8 @@ def test_stats_while_training(ray_cluster, tmp_path):
     watcher = None
     try:
         first = _wait_for_progress("live")
-        watcher = subprocess.Popen([sys.executable, "-m", "ray_codistill.cli", "stats", "live", "--watch", "1"],
+        watcher = subprocess.Popen([sys.executable, "-m", "ray_codistill.cli", "stats", "live", "--watch", "1",
+                                    "--address", ray_cluster.get_runtime_context().gcs_address],
                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out = _stats("live", "--json")
         assert out.returncode == 0, out.stderr[-2000:]
