@@ -58,8 +58,7 @@ def test_stats_while_training(ray_cluster, tmp_path):
     watcher = None
     try:
         first = _wait_for_progress("live")
-        watcher = subprocess.Popen([sys.executable, "-m", "ray_codistill.cli", "stats", "live", "--watch", "1",
-                                    "--address", ray_cluster.get_runtime_context().gcs_address],
+        watcher = subprocess.Popen([sys.executable, "-m", "ray_codistill.cli", "stats", "live", "--watch", "1"],
                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out = _stats("live", "--json")
         assert out.returncode == 0, out.stderr[-2000:]
