@@ -137,11 +137,13 @@ class Broker:
             self.store.latest_step[:] = saved["latest_step"]
             self.store.floor.update(saved["floor"])
             self.started = state["started"]
+            self.status = state.get("status", self.status)  # a stop request survives a restart
             self._event(-1, "broker_reloaded", None)
 
     def _save(self, force: bool = False) -> None:
         if self.journal is not None:
-            self.journal.snapshot(lambda: {"started": self.started, **{k: getattr(self, k) for k in self._DURABLE},
+            self.journal.snapshot(lambda: {"started": self.started, "status": self.status,
+                                           **{k: getattr(self, k) for k in self._DURABLE},
                                            "store": {k: getattr(self.store, k) for k in self._DURABLE_STORE}},
                                   force)
 
@@ -289,6 +291,18 @@ class Broker:
     def set_status(self, status: str) -> None:
         self.status = status
         self._save(force=True)
+
+    def request_stop(self) -> str:
+        """A user's request to end the experiment early (`ray-codistill stop`): every replica
+        stops at its next metric row, evaluates, checkpoints and reports as at a normal end.
+        Open to any client of the cluster, like `stats` (and like Ray's own job stop)."""
+        if self.status == "running":
+            self.status = "stopping"
+            self._event(-1, "stop_requested", None)
+        return self.status
+
+    def stop_requested(self, replica: int, token: str) -> bool:
+        return not self._refuse(replica, token) and self.status == "stopping"
 
     def finish(self, replica: int, token: str, result: dict, test_probs: np.ndarray, test_labels: np.ndarray) -> bool:
         if self._refuse(replica, token):
@@ -495,6 +509,10 @@ class BrokerClient:
             self.errors += 1
             log.warning("broker answer missing: %s", type(err).__name__)
             return None
+
+    def call_async(self, method: str, *args: Any):
+        """Ask without waiting; `resolve` the answer later."""
+        return self._call(method, *args)
 
     def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any | None:
         return self.resolve(self._call(method, *args), timeout_s)

@@ -1,4 +1,4 @@
-"""The `ray-codistill` command: run, compare, tune, stats, report.
+"""The `ray-codistill` command: run, compare, tune, stats, stop, report.
 
 Thin: it parses arguments, builds the config and calls the library. Exit status 2 means the
 config or the arguments were refused before anything started; 1 means the run itself failed.
@@ -46,6 +46,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)")
     p.add_argument("--json", action="store_true", help="print JSON (schema in README.md)")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until the run ends")
+
+    p = sub.add_parser("stop", help="end a running experiment early: replicas stop at their next metric row "
+                       "and write their results (status stopped)")
+    p.add_argument("name", help="experiment name")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)")
 
     p = sub.add_parser("report", help="table and plots from existing result folders")
     p.add_argument("dirs", nargs="+", help="experiment folders, or folders that contain them")
@@ -104,6 +109,14 @@ def cmd_stats(args) -> int:
     return show(args.name, args.address, as_json=args.json, watch_s=args.watch)
 
 
+def cmd_stop(args) -> int:
+    from ray_codistill.stats import request_stop
+    status = request_stop(args.name, args.address)
+    print(f"experiment {args.name}: {status}; each replica stops at its next metric row (every log_every steps)"
+          if status == "stopping" else f"experiment {args.name}: {status} already")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # commands import what they need, so `stats` and `--help` answer without loading torch
@@ -111,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                                       StatsError)
     try:
         commands = {"run": cmd_run, "compare": cmd_compare, "tune": cmd_tune, "report": cmd_report,
-                    "stats": cmd_stats}
+                    "stats": cmd_stats, "stop": cmd_stop}
         return commands[args.command](args)
     except (ConfigError, DataError, ModelError) as err:  # refused before anything started
         print(f"ray-codistill: config error: {err}", file=sys.stderr)

@@ -128,8 +128,9 @@ def resume_folder(cfg: ExperimentConfig) -> Path:
         raise ConfigError(f"name: no experiment to resume at {path} (no {CONFIG_FILE}); "
                           f"check --name and --storage")
     summary = path / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "finished":
-        raise ConfigError(f"name: experiment {cfg.name} at {path} has finished already; nothing to resume")
+    status = json.loads(summary.read_text()).get("status") if summary.exists() else None
+    if status in ("finished", "stopped"):
+        raise ConfigError(f"name: experiment {cfg.name} at {path} has {status} already; nothing to resume")
     return path
 
 
@@ -263,7 +264,9 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     if errors:
         first = next(iter(errors.values()))
         raise RunError(f"{len(errors)} worker group(s) failed (replica(s) {sorted(errors)}): {first}") from first
-    say(f"finished in {wall:.0f}s: test acc {_fmt_accs(summary)}; results in {folder}")
+    ended = "finished" if summary["status"] == "finished" else "stopped on request at step(s) " + ", ".join(
+        f"r{r['replica']}={r['steps']}" for r in summary["replicas"])
+    say(f"{ended} in {wall:.0f}s: test acc {_fmt_accs(summary)}; results in {folder}")
     return ExperimentResult(folder, summary)
 
 
@@ -298,7 +301,8 @@ def _summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, error
     counters = stats["replicas"]
     return {
         "experiment": cfg.name, "method": cfg.method, "seed": cfg.seed, "num_models": cfg.num_models,
-        "status": "failed" if errors else "finished",
+        # "stopped": ended early by `ray-codistill stop` (each replica's "steps" says where)
+        "status": "failed" if errors else "stopped" if any(r.get("stopped") for r in replicas) else "finished",
         "errors": {str(r): repr(e) for r, e in errors.items()},
         "replicas": replicas,
         "test_acc_mean": float(np.mean([r["test_acc"] for r in replicas])) if replicas else None,

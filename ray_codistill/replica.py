@@ -294,6 +294,27 @@ def _wait_for_peers(client: BrokerClient, replicas: int, timeout_s: float) -> No
         time.sleep(0.01 if up is not None else 1.0)
 
 
+class StopRequest:
+    """Whether a user asked the broker to stop the experiment (`ray-codistill stop`), asked at each
+    metric row and answered by the next one, so no step waits for it. Every rank of a worker group
+    must stop at the same step (DDP would hang otherwise): rank 0 asks, the group agrees."""
+
+    def __init__(self, client: BrokerClient, rank: int, world: int, device: torch.device) -> None:
+        self.client, self.rank, self.world, self.device = client, rank, world, device
+        self.pending = None
+
+    def requested(self) -> bool:
+        asked = False
+        if self.rank == 0:
+            asked = self.pending is not None and self.client.resolve(self.pending) is True
+            self.pending = self.client.call_async("stop_requested")
+        if self.world > 1:
+            flag = torch.tensor([int(asked)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            asked = bool(flag.item())
+        return asked
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = ExperimentConfig.from_dict(loop_config["config"])
     replica: int = loop_config["replica"]
@@ -339,6 +360,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return {"loss": 0.0, "ce": 0.0, "distill": 0.0, "hits": 0, "ages": [], "seen": 0, "n": 0, "time": 0.0}
 
     win, started, last_val = new_window(), time.perf_counter(), None
+    stop, done = StopRequest(client, rank, world, device), start
     model.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -396,6 +418,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     row["val/acc"], row["val/loss"] = last_val["acc"], last_val["loss"]
                 client.send("log", [row])
             win = new_window()
+            if done < cfg.steps and stop.requested():
+                last_val = last_val if is_eval else None
+                break
         if probe is not None and (done % cc.probe_every == 0 or done == cfg.steps):
             client.send("probe", done, predict(unwrap(model), probe, cfg.eval_batch_size, device)[0].numpy())
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
@@ -405,13 +430,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         exchange.flush()
 
     # -- final figures: validation for selection, test for the record ------------------------------
-    result = {"replica": replica, "steps": cfg.steps}
+    result = {"replica": replica, "steps": done, **({"stopped": True} if done < cfg.steps else {})}
     if rank == 0:
-        val = last_val if start < cfg.steps else evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
+        fresh = last_val is not None and start < done
+        val = last_val if fresh else evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
         test = evaluate(unwrap(model), splits.test, cfg.eval_batch_size, device, want_probs=True)
         result.update(val_acc=val["acc"], val_loss=val["loss"], test_acc=test["acc"], test_loss=test["loss"],
                       allreduce_bytes=counter.bytes * world)
         # waits through a broker restart: the result must reach the driver
         if not client.call("finish", result, test["probs"], test["labels"], timeout_s=FINISH_TIMEOUT_S):
             raise RuntimeError(f"replica {replica}: the broker did not take the final result")
-    _save_checkpoint(cfg.steps, model, optimizer, scheduler, {"step": cfg.steps, **result}, rank)
+    _save_checkpoint(done, model, optimizer, scheduler, {"step": done, **result}, rank)

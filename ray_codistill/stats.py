@@ -2,7 +2,8 @@
 
 `get_stats(name)` asks the experiment's broker (by name) for its figures: what
 `ray-codistill stats NAME` prints, and what notebooks and Tune callbacks can call. The schema of
-the answer is documented in README.md ("Watching a run").
+the answer is documented in README.md ("Watching a run"). `request_stop(name)` ends the run early
+(`ray-codistill stop NAME`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from ray_codistill.cluster import connect
 from ray_codistill.errors import StatsError
 
 
-def get_stats(name: str, address: str | None = None, timeout_s: float = 10.0) -> dict:
-    """The broker's figures for experiment `name` (a dict, see README.md for the schema)."""
+def _ask(name: str, address: str | None, method: str, timeout_s: float):
+    """Call a method of the running experiment's broker, with one-line errors."""
     connect(address, start_local=False)
     try:
         broker = get_broker(name)
@@ -28,9 +29,21 @@ def get_stats(name: str, address: str | None = None, timeout_s: float = 10.0) ->
         raise StatsError(f"no running experiment named {name!r} on this cluster "
                          f"(its broker is gone once the run has ended)") from err
     try:
-        return ray.get(broker.stats.remote(), timeout=timeout_s)
+        return ray.get(getattr(broker, method).remote(), timeout=timeout_s)
     except Exception as err:  # the run ended between the lookup and the call
         raise StatsError(f"the broker of {name!r} did not answer: {type(err).__name__}") from err
+
+
+def get_stats(name: str, address: str | None = None, timeout_s: float = 10.0) -> dict:
+    """The broker's figures for experiment `name` (a dict, see README.md for the schema)."""
+    return _ask(name, address, "stats", timeout_s)
+
+
+def request_stop(name: str, address: str | None = None, timeout_s: float = 10.0) -> str:
+    """Ask experiment `name` to stop early: each replica ends at its next metric row (every
+    `log_every` steps) and writes its results as at a normal end, with status "stopped".
+    Returns the broker's status ("stopping", or what it was if the run was already ending)."""
+    return _ask(name, address, "request_stop", timeout_s)
 
 
 def _fmt(value, spec: str, width: int) -> str:
@@ -90,6 +103,6 @@ def show(name: str, address: str | None = None, as_json: bool = False, watch_s: 
             return 0
         seen = True
         print(json.dumps(stats, default=str) if as_json else format_stats(stats), file=out, flush=True)
-        if watch_s is None or stats["status"] != "running":
+        if watch_s is None or stats["status"] not in ("running", "stopping"):
             return 0
         time.sleep(watch_s)
