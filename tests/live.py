@@ -54,6 +54,23 @@ def wait_for(what: str, ready, deadline_s: float = DEADLINE_S, alive=None):
     raise AssertionError(f"waited {deadline_s:.0f}s for {what}")
 
 
+def stats_now(name: str) -> dict | None:
+    """The broker's figures, asked in this process (the call `ray-codistill stats` makes, without a
+    process start per poll); None while the broker is not up or restarting."""
+    try:
+        return get_stats(name)
+    except StatsError:
+        return None
+
+
+def wait_for_stats(name: str, what: str, ready, alive=None) -> dict:
+    """The broker's figures once `ready(stats)` holds."""
+    def check():
+        stats = stats_now(name)
+        return stats if stats is not None and ready(stats) else None
+    return wait_for(what, check, alive=alive)
+
+
 def registered_checkpoints(folder: Path, run_name: str) -> list[int]:
     """The steps of the checkpoints Ray Train has registered for one worker group (those it
     restarts from): its checkpoint manager's snapshot in the run's storage folder."""
@@ -94,20 +111,10 @@ class LiveRun:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
-    def stats(self) -> dict | None:
-        try:
-            return get_stats(self.cfg.name)
-        except StatsError:  # the broker is not up yet
-            return None
-
     def wait_until(self, what: str, ready) -> dict:
-        """The broker's figures once `ready(stats)` holds (asked in this process: the same call
-        `ray-codistill stats` makes, without a process start per poll)."""
-        def check():
-            stats = self.stats()
-            return stats if stats is not None and ready(stats) else None
+        """The broker's figures once `ready(stats)` holds."""
         try:
-            return wait_for(what, check, alive=self.alive)
+            return wait_for_stats(self.cfg.name, what, ready, alive=self.alive)
         except AssertionError:
             if "error" in self.box:  # the run failed: that error says more than the wait
                 raise self.box["error"]
