@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True, help="search space YAML, e.g. tuning/spaces/regularization.yaml")
     p.add_argument("--samples", type=int, default=1, help="Tune num_samples (random draws x grid; default 1)")
     p.add_argument("--scheduler", choices=["asha", "none"], default="none", help="ASHA early stopping or none")
+    p.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="at most N trials at once (default: as many as the cluster's CPUs hold)")
 
     p = sub.add_parser("stats", help="live divergence and exchange statistics of a running experiment")
     p.add_argument("name", help="experiment name")
@@ -98,7 +100,7 @@ def cmd_tune(args) -> int:
     from ray_codistill.tune import load_space, search
     cfg = _load(args)
     table, folder = search(cfg, load_space(args.space, cfg), samples=args.samples, scheduler=args.scheduler,
-                           address=args.address, overwrite=args.overwrite)
+                           address=args.address, overwrite=args.overwrite, max_concurrent=args.max_concurrent)
     print(table)
     print(f"results: {folder}")
     return 0

@@ -30,7 +30,10 @@ def compare(cfg: ExperimentConfig, seeds: list[int], methods: list[str] | None =
     folders = []
     for i, run_cfg in enumerate(runs, 1):
         say(f"comparison {cfg.name}: run {i}/{len(runs)}: {run_cfg.name}")
-        folders.append(launcher.run(run_cfg, address=address, overwrite=overwrite).path)
+        result = launcher.run(run_cfg, address=address, overwrite=overwrite)
+        if result.summary["status"] == "stopped":
+            say(f"warning: {run_cfg.name} was stopped early: its figures are not on the same budget as the others")
+        folders.append(result.path)
     summaries = report.load_summaries(folders)
     write_parquet(group.resolve() / "comparison.parquet", summaries)
     return report.to_markdown(report.comparison_table(summaries)), group.resolve()

@@ -23,6 +23,7 @@ import ray
 import yaml
 
 from ray_codistill import launcher, report
+from ray_codistill.broker import get_broker
 from ray_codistill.cluster import connect
 from ray_codistill.config import METHODS, ExperimentConfig
 from ray_codistill.errors import ConfigError
@@ -110,16 +111,26 @@ def run_trial(params: dict, base: dict, group: str, phase: str, trials_dir: str)
         seed=params["seed"], storage_path=trials_dir, name=f"{base['name']}-{group}-{phase}-{trial}", **overrides)
     reported = {"step": 0}
 
-    def on_progress(progress: dict) -> None:
-        # a report per new evaluation that every model has reached: ASHA compares trials on it
-        if len(progress) < cfg.num_models or any("val/acc" not in p for p in progress.values()):
+    def report_evaluations(rows: pd.DataFrame) -> None:
+        # every evaluation step that all models have reached, once and in order, whenever the
+        # poll sees it: ASHA then compares trials at the same steps whatever the timing
+        if rows.empty or "val/acc" not in rows:
             return
-        step = min(p["step"] for p in progress.values())
-        if step >= reported["step"] + cfg.eval_every and step < cfg.steps:
-            reported["step"] = step
-            tune.report({"step": step, "val_acc": float(np.mean([p["val/acc"] for p in progress.values()]))})
+        evals = rows.dropna(subset=["val/acc"]).pivot_table(index="step", columns="replica", values="val/acc")
+        for step, accs in evals[evals.notna().sum(axis=1) == cfg.num_models].iterrows():
+            if reported["step"] < step < cfg.steps:
+                reported["step"] = int(step)
+                tune.report({"step": int(step), "val_acc": float(accs.mean())})
+
+    def on_progress(_progress: dict) -> None:
+        try:
+            rows = ray.get(get_broker(cfg.name).rows.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - the next poll, or the end of the run, reports them
+            return
+        report_evaluations(pd.DataFrame(rows))
 
     result = launcher.run(cfg, overwrite=True, progress_every_s=5.0, on_progress=on_progress)
+    report_evaluations(pd.read_parquet(result.path / "metrics.parquet"))  # those the polls did not see
     s = result.summary
     tune.report({"step": cfg.steps, "val_acc": float(np.mean([r["val_acc"] for r in s["replicas"]])),
                  "test_acc": s["test_acc_mean"], "ensemble_test_acc": s["ensemble_test_acc"],
@@ -127,11 +138,13 @@ def run_trial(params: dict, base: dict, group: str, phase: str, trials_dir: str)
 
 
 def _tune(base: ExperimentConfig, group: Group, param_space: dict, phase: str, folder: Path,
-          samples: int, scheduler: str) -> pd.DataFrame:
+          samples: int, scheduler: str, max_concurrent: int | None = None) -> pd.DataFrame:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     cpus = base.replicas * base.workers_per_replica * base.cpus_per_worker  # the same for every method
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+    if max_concurrent is not None:  # a user's cap: room for others on a shared cluster, or trials in order
+        concurrent = min(concurrent, max_concurrent)
     trainable = tune.with_parameters(run_trial, base=base.replace(method=group.method).to_dict(), group=group.name,
                                      phase=phase, trials_dir=str(folder / "trials"))
     sched = (ASHAScheduler(time_attr="step", max_t=base.steps, grace_period=max(base.eval_every, base.steps // 8))
@@ -163,7 +176,8 @@ def _tune(base: ExperimentConfig, group: Group, param_space: dict, phase: str, f
 
 
 def search(base: ExperimentConfig, space: SearchSpace, samples: int = 1, scheduler: str = "none",
-           address: str | None = None, overwrite: bool = False) -> tuple[str, Path]:
+           address: str | None = None, overwrite: bool = False,
+           max_concurrent: int | None = None) -> tuple[str, Path]:
     """Search every group, re-run each group's best configuration over the final seeds, report.
 
     Returns the markdown table of the re-runs and the folder holding `tune.parquet`, the table,
@@ -173,6 +187,8 @@ def search(base: ExperimentConfig, space: SearchSpace, samples: int = 1, schedul
         raise ConfigError(f"scheduler: got {scheduler!r}, allowed values: asha, none")
     if samples < 1:
         raise ConfigError(f"samples: got {samples}, must be >= 1")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError(f"max_concurrent: got {max_concurrent}, must be >= 1")
     folder = (Path(base.storage_path) / base.name).resolve()
     if folder.exists() and any(folder.iterdir()):
         if not overwrite:
@@ -183,11 +199,11 @@ def search(base: ExperimentConfig, space: SearchSpace, samples: int = 1, schedul
     for group in space.groups:
         grid = {k: _domain(v) for k, v in group.params.items()}
         frames.append(_tune(base, group, {**grid, "seed": _domain({"grid": space.seeds})}, "search", folder,
-                            samples, scheduler))
+                            samples, scheduler, max_concurrent))
         best = _best(frames[-1], group)
         say(f"tune {group.name}: best by validation accuracy: {best}")
         frames.append(_tune(base, group, {**best, "seed": _domain({"grid": space.final_seeds})}, "final", folder,
-                            1, "none"))
+                            1, "none", max_concurrent))
     results = pd.concat(frames, ignore_index=True)
     write_parquet(folder / "tune.parquet", results)
     table, _ = write_report(folder, results)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from live import ENDLESS, wait_for
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -108,43 +109,50 @@ def _wait(client, job_id: str, timeout_s: float = 300):
     raise AssertionError(f"job {job_id} still {status} after {timeout_s}s:\n{client.get_job_logs(job_id)}")
 
 
+def _cli_at(head: dict, *args: str) -> subprocess.CompletedProcess:
+    """`ray-codistill ARGS --address <head>` in its own process, a client with the head's token."""
+    return subprocess.run([sys.executable, "-m", "ray_codistill.cli", *args, "--address", head["gcs"]], cwd=ROOT,
+                          env=head["env"], capture_output=True, text=True, timeout=60)
+
+
 def test_compare_job_succeeds_and_is_queryable(head, tmp_path):
     from ray.job_submission import JobStatus
     client = _client(head["dashboard"])
     storage = tmp_path / "results"
+    # the job trains until this test stops it: every look at it below waits on an event
     job = client.submit_job(
         entrypoint=f"{sys.executable} jobs/compare.py configs/smoke.yaml --methods codistill --seeds 0 "
-                   f"--set steps=20000 --set log_every=50 --storage {storage}",
+                   f"--set steps={ENDLESS} --set log_every=50 --storage {storage}",
         runtime_env={"working_dir": str(ROOT)},
     )
-    # while the job trains, its broker answers `ray-codistill stats --address` like any client's
-    stats = None
-    deadline = time.monotonic() + 240
-    while stats is None and time.monotonic() < deadline:
-        out = subprocess.run([sys.executable, "-m", "ray_codistill.cli", "stats", "smoke-codistill-s0",
-                              "--address", head["gcs"], "--json"], cwd=ROOT, env=head["env"],
-                             capture_output=True, text=True, timeout=60)
-        if out.returncode == 0 and all(r["step"] > 0 for r in json.loads(out.stdout)["replicas"].values()):
-            stats = json.loads(out.stdout)
-        elif client.get_job_status(job) in (JobStatus.SUCCEEDED, JobStatus.FAILED):
-            break
-        time.sleep(1)
-    # the broker's figures reach Prometheus through the node's metrics agent
-    exported, deadline = "", time.monotonic() + 60
-    while "ray_codistill_teacher_hit_rate" not in exported and time.monotonic() < deadline:
+    running = lambda: client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED)  # noqa: E731
+
+    def training():
+        # while the job trains, its broker answers `ray-codistill stats --address` like any client's
+        out = _cli_at(head, "stats", "smoke-codistill-s0", "--json")
+        stats = json.loads(out.stdout) if out.returncode == 0 else None
+        return stats if stats and all(r["step"] > 0 for r in stats["replicas"].values()) else None
+
+    def exported():
+        # the broker's figures reach Prometheus through the node's metrics agent
         try:
-            exported = urllib.request.urlopen(head["metrics"], timeout=5).read().decode()
+            text = urllib.request.urlopen(head["metrics"], timeout=5).read().decode()
         except OSError:
-            pass
-        time.sleep(2)
+            return None
+        return text if "ray_codistill_teacher_hit_rate{" in text else None
+
+    stats = wait_for("the job's replicas training", training, alive=running)
+    metrics_text = wait_for("the broker's gauges on the metrics endpoint", exported, alive=running)
+    stop = _cli_at(head, "stop", "smoke-codistill-s0")
+    assert stop.returncode == 0, stop.stderr
     status = _wait(client, job)
     logs = client.get_job_logs(job)
-    assert 'ray_codistill_teacher_hit_rate{' in exported and 'experiment="smoke-codistill-s0"' in exported
+    assert 'experiment="smoke-codistill-s0"' in metrics_text
     assert status == JobStatus.SUCCEEDED, logs
-    assert stats is not None and stats["experiment"] == "smoke-codistill-s0"
+    assert stats["experiment"] == "smoke-codistill-s0"
     assert f"results: {storage / 'smoke'}" in logs
     summary = json.loads((storage / "smoke" / "smoke-codistill-s0" / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["replicas"][0]["steps"] == 20000
+    assert summary["status"] == "stopped" and 0 < summary["replicas"][0]["steps"] < ENDLESS
     assert (storage / "smoke" / "comparison.parquet").is_file()
 
 

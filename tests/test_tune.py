@@ -32,27 +32,51 @@ def test_tiny_search(ray_cluster, tmp_path):
     space_file.write_text(SPACE)
     cfg = load_config(CONFIGS / "smoke.yaml", ["steps=100", "eval_every=50", "codistill.probe_every=50"],
                       name="tiny", storage_path=str(tmp_path))
-    # ASHA only wires up here: a smoke run ends before its first intermediate report
+    # ASHA may stop trials here (a rung at step 50, two trials at once): selection must hold either way
     table, folder = search(cfg, load_space(space_file, cfg), scheduler="asha")
     results = pd.read_parquet(folder / "tune.parquet")
     search_rows = results[results["phase"] == "search"]
     assert len(search_rows) == 4 + 1  # one row per trial: 2 x 2 codistill grid, 1 allreduce random draw
     drawn = search_rows.loc[search_rows["group"] == "allreduce", "optim.lr"].iloc[0]
     assert 0.002 <= drawn <= 0.005 and drawn != cfg.optim.lr
-    assert len(results[results["phase"] == "final"]) == 2 + 2  # best of each group x 2 seeds
-    assert (results["status"] == "finished").all()
-    assert results["val_acc"].between(0, 1).all() and results["test_acc"].between(0, 1).all()
+    assert set(search_rows["status"]) <= {"finished", "stopped early"}
+    stopped = search_rows[search_rows["status"] == "stopped early"]
+    assert (stopped["step"] < cfg.steps).all() and stopped["test_acc"].isna().all()
+    final = results[results["phase"] == "final"]
+    assert len(final) == 2 + 2 and (final["status"] == "finished").all()  # best of each group x 2 seeds
+    assert results["val_acc"].between(0, 1).all() and final["test_acc"].between(0, 1).all()
     codistill = search_rows[search_rows["group"] == "codistill"]
     assert sorted(zip(codistill["codistill.alpha"], codistill["optim.weight_decay"])) == \
         [(0.5, 0.0), (0.5, 1e-3), (1.0, 0.0), (1.0, 1e-3)]
-    # the re-runs use the configuration with the best validation accuracy, and the final seeds
-    best = codistill.loc[codistill["val_acc"].idxmax()]
-    final = results[(results["phase"] == "final") & (results["group"] == "codistill")]
-    assert (final["codistill.alpha"] == best["codistill.alpha"]).all()
-    assert sorted(final["seed"]) == [0, 1]
+    # the re-runs use the finished configuration with the best validation accuracy, and the final seeds
+    done = codistill[codistill["status"] == "finished"]
+    best = done.loc[done["val_acc"].idxmax()]
+    final_codistill = final[final["group"] == "codistill"]
+    assert (final_codistill["params"] == best["params"]).all()
+    assert sorted(final_codistill["seed"]) == [0, 1]
     assert "| codistill |" in table and "| allreduce |" in table
     for name in ("tune.md", "heatmap_codistill.png", "val_acc.png", "train_loss.png"):
         assert (folder / name).stat().st_size > 0
+
+
+def test_asha_stops_a_trial_that_cannot_learn(ray_cluster, tmp_path):
+    # Deterministic by construction: at most one trial at a time runs the trials in grid order, so the learning trial has recorded its accuracy at the only rung
+    # (step 100) before the other arrives there; a learning rate of 1e-7 leaves the model at its
+    # initial accuracy, below the learner's, so ASHA must stop it. Evaluations are reported from
+    # the metric rows, so the rung is reported however fast the trials run.
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("seeds: [0]\nfinal_seeds: [1]\n"
+                          "groups: {allreduce: {params: {optim.lr: {grid: [0.01, 1.0e-7]}}}}\n")
+    cfg = load_config(CONFIGS / "smoke.yaml", ["steps=300", "eval_every=100", "log_every=50"],
+                      name="asha", storage_path=str(tmp_path))
+    _, folder = search(cfg, load_space(space_file, cfg), scheduler="asha", max_concurrent=1)
+    results = pd.read_parquet(folder / "tune.parquet")
+    rows = results[results["phase"] == "search"].set_index("optim.lr")
+    assert rows.loc[0.01, "status"] == "finished" and rows.loc[0.01, "step"] == cfg.steps
+    assert rows.loc[1e-7, "status"] == "stopped early" and rows.loc[1e-7, "step"] == 100
+    assert rows.loc[1e-7, "val_acc"] < rows.loc[0.01, "val_acc"]
+    final = results[results["phase"] == "final"]
+    assert len(final) == 1 and final["optim.lr"].iloc[0] == 0.01 and final["status"].iloc[0] == "finished"
 
 
 def test_space_files_are_checked(tmp_path):
