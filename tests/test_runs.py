@@ -51,14 +51,18 @@ def test_codistill_logits_serves_teachers_and_learns(comparison):
     assert summary["status"] == "finished" and summary["num_models"] == 2
     _assert_learns(metrics, replicas=2, steps=200)
     assert list(metrics.columns[:5]) == ["experiment", "method", "replica", "seed", "step"]
+    # Teachers were served. Which replica got how many depends on how far apart the two ran (the
+    # one behind always finds the leader's logits, the leader may find none): per replica this is
+    # checked in test_stats, on a run watched until both have had teachers.
+    counters = summary["broker"]
+    assert sum(counters[r]["hits"] for r in ("0", "1")) > 0
     for r in ("0", "1"):
-        counters = summary["broker"][r]
-        assert counters["hits"] > 0  # how many depends on how far apart the replicas run
-        assert counters["publications"] >= 200 // cfg_chunk()
-        assert counters["age_p50"] is not None and counters["age_max"] >= counters["age_p50"] >= 0
+        assert counters[r]["publications"] >= 200 // cfg_chunk()  # every chunk it trained
+        if counters[r]["hits"]:
+            assert counters[r]["age_max"] >= counters[r]["age_p50"] >= 0
     after_burn_in = metrics[metrics["step"] > 40]
-    assert (after_burn_in.groupby("replica")["train/distill"].mean() > 0).all()
-    assert (after_burn_in.groupby("replica")["distill/teacher_age"].count() > 0).all()
+    assert (after_burn_in.groupby("replica")["train/distill"].mean() > 0).any()
+    assert after_burn_in["distill/teacher_age"].count() > 0
     assert summary["bytes_exchanged"] > 0 and summary["allreduce_bytes"] == 0
     assert 0 <= summary["ensemble_test_acc"] <= 1
     assert summary["config"]["method"] == "codistill" and summary["versions"]["ray"]

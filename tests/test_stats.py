@@ -38,9 +38,10 @@ def test_stats_while_training(ray_cluster, tmp_path):
         reader = threading.Thread(target=lambda: lines.extend(watcher.stdout), daemon=True)
         reader.start()
         wait_for("two --watch frames", lambda: sum("experiment live" in line for line in lines) >= 2)
-        second = wait_for("training to advance, and two probe rounds", lambda: (
+        second = wait_for("training to advance, teachers served to both replicas, two probe rounds", lambda: (
             (s := stats_json("live")) is not None and s["probe_rounds"] >= 2 and all(
-                s["replicas"][r]["step"] > first["replicas"][r]["step"] for r in ("0", "1")) and s))
+                s["replicas"][r]["step"] > first["replicas"][r]["step"] and s["replicas"][r]["hits"] > 0
+                for r in ("0", "1")) and s))
         stop = cli("stop", "live")
         assert stop.returncode == 0 and "live: stopping" in stop.stdout, stop.stderr[-2000:]
         result = run.result()
@@ -62,9 +63,13 @@ def test_stats_while_training(ray_cluster, tmp_path):
 
     # stopped on request: each replica ended at a metric row and wrote its results as at an end
     summary = result.summary
+    metrics = pd.read_parquet(result.path / "metrics.parquet")
     assert summary["status"] == "stopped"
     assert "stop_requested" in [e["event"] for e in summary["events"]]
-    metrics = pd.read_parquet(result.path / "metrics.parquet")
+    for r in ("0", "1"):  # each replica distilled from the other's logits
+        assert summary["broker"][r]["age_max"] >= summary["broker"][r]["age_p50"] >= 0
+        rows = metrics[metrics["replica"] == int(r)]
+        assert (rows["train/distill"] > 0).any() and rows["distill/teacher_age"].notna().any()
     for rep in summary["replicas"]:
         assert rep["stopped"] and 0 < rep["steps"] < ENDLESS and rep["steps"] % cfg.log_every == 0
         assert 0 <= rep["test_acc"] <= 1 and 0 <= rep["val_acc"] <= 1
