@@ -174,3 +174,21 @@ def test_codistillation_lowers_final_disagreement_on_mnist1d(ray_cluster, tmp_pa
     print("final probe divergence:", final)
     assert final["codistill"]["disagreement"] < final["independent"]["disagreement"]
     assert final["codistill"]["sym_kl"] < final["independent"]["sym_kl"]
+
+
+def test_allreduce_stops_on_request_with_every_rank_at_the_same_step(ray_cluster, smoke_config):
+    """`ray-codistill stop` on a worker group of 2 DDP ranks: rank 0 reads the request and the
+    group agrees on it, so both ranks leave at the same step (a rank left behind would hang DDP)."""
+    cfg = smoke_config.replace(method="allreduce", steps=ENDLESS, checkpoint_every=500, name="smoke-stop")
+    with LiveRun(cfg) as run:
+        run.wait_until("a checkpoint's worth of steps", lambda s: s["replicas"]["0"]["step"] >= 500)
+        run.stop()
+        result = run.result()
+    summary = result.summary
+    rep, = summary["replicas"]
+    assert summary["status"] == "stopped" and rep["stopped"] and rep["steps"] % cfg.log_every == 0
+    metrics = pd.read_parquet(result.path / "metrics.parquet")
+    assert metrics["step"].max() == rep["steps"] and metrics["step"].is_unique
+    # the final checkpoint is the stop step's, reported by both ranks
+    assert list((result.path / "train" / "smoke-stop-allreduce").glob("checkpoint_*/state.pt"))
+    assert summary["allreduce_bytes"] > 0
