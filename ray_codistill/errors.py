@@ -27,7 +27,7 @@ class StatsError(RuntimeError):
 
 
 class ClusterError(RuntimeError):
-    """A Ray cluster that cannot be reached at the given address."""
+    """A Ray cluster that cannot be reached at the given address, or lacks what a command needs."""
 
 
 class NonFiniteError(FloatingPointError):

@@ -26,7 +26,7 @@ from ray_codistill import launcher, report
 from ray_codistill.broker import get_broker
 from ray_codistill.cluster import connect
 from ray_codistill.config import METHODS, ExperimentConfig
-from ray_codistill.errors import ConfigError
+from ray_codistill.errors import ClusterError, ConfigError
 from ray_codistill.launcher import say, write_parquet
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
@@ -195,6 +195,8 @@ def search(base: ExperimentConfig, space: SearchSpace, samples: int = 1, schedul
             raise ConfigError(f"name: search folder {folder} exists already; pick another name or pass --overwrite")
         shutil.rmtree(folder)
     connect(address)
+    if scheduler == "asha":
+        _check_state_api()
     frames = []
     for group in space.groups:
         grid = {k: _domain(v) for k, v in group.params.items()}
@@ -208,6 +210,22 @@ def search(base: ExperimentConfig, space: SearchSpace, samples: int = 1, schedul
     write_parquet(folder / "tune.parquet", results)
     table, _ = write_report(folder, results)
     return table, folder
+
+
+def _check_state_api() -> None:
+    """ASHA stops trials by killing them; Ray Train then frees a killed run's placement group
+    through a helper that asks Ray's State API (served by the dashboard) whether the run's
+    controller is gone. Without it the stopped trials' CPUs stay reserved and later trials wait
+    for them forever: refuse that before anything starts."""
+    from ray.util.state import list_nodes
+    try:  # this cluster's, by its address: "auto" fails when the machine runs several Rays
+        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10)
+    except Exception as err:  # noqa: BLE001 - no API server: ConnectionError, RayStateApiException, ...
+        raise ClusterError(
+            "--scheduler asha needs Ray's dashboard (its State API) on the cluster: Ray Train uses it to "
+            "free the CPUs of trials that ASHA stops, which otherwise stay reserved while later trials wait "
+            "for them; start Ray with the dashboard (the default of `ray start` and `ray.init` with "
+            f"ray[default]) or use --scheduler none ({type(err).__name__})") from err
 
 
 def _best(rows: pd.DataFrame, group: Group) -> dict:

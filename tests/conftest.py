@@ -14,7 +14,7 @@ CONFIGS = ROOT / "configs"
 def ray_cluster():
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=True, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

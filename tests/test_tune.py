@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 
@@ -102,3 +105,26 @@ def test_best_keeps_exact_values():
     rows["val_acc"] = [0.1, 0.9, 0.9, 0.1]
     best = _best(rows, Group("logits", "codistill"))
     assert best == {"codistill.max_staleness": 20} and isinstance(best["codistill.max_staleness"], int)
+
+
+def test_asha_refuses_a_cluster_without_the_state_api(tmp_path):
+    """Without the dashboard, trials that ASHA stops would keep their CPUs reserved (Ray Train frees
+    them through the State API) and later trials would wait forever: refused before anything starts.
+    A Ray of its own in another process: the session's has the dashboard."""
+    space = tmp_path / "space.yaml"
+    space.write_text("groups: {allreduce: {params: {optim.lr: {grid: [0.01]}}}}\n")
+    script = f"""
+import ray
+ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+from ray_codistill.config import load_config
+from ray_codistill.errors import ClusterError
+from ray_codistill.tune import load_space, search
+cfg = load_config({str(CONFIGS / "smoke.yaml")!r}, storage_path={str(tmp_path)!r})
+try:
+    search(cfg, load_space({str(space)!r}, cfg), scheduler="asha")
+except ClusterError as err:
+    print("refused:", err)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "refused: --scheduler asha needs Ray's dashboard" in out.stdout, out.stderr[-3000:]
+    assert not (tmp_path / "smoke" / "ray_tune").exists()  # nothing started
