@@ -213,7 +213,8 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     errors: dict[int, BaseException] = {}
     try:
         with ThreadPoolExecutor(max_workers=len(trainers), thread_name_prefix="replica") as pool, \
-                RunProgress(cfg.num_models, cfg.steps, heading, every_s=progress_every_s) as shown:
+                RunProgress(cfg.num_models, cfg.steps, heading or f"experiment {cfg.name}",
+                            every_s=progress_every_s) as shown:
             futures = [pool.submit(t.fit) for t in trainers]
             while wait(futures, timeout=shown.poll_s, return_when=ALL_COMPLETED).not_done:
                 try:
