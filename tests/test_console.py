@@ -59,3 +59,15 @@ def test_a_worker_that_raises_shows_the_error_and_traceback_without_verbose(tmp_
     assert code == 1, out
     assert "ray-codistill: error: " in out and "Traceback (most recent call last)" in out
     assert "NonFiniteError: replica " in out and 'replica.py", line' in out
+
+
+def test_settings_for_a_remote_cluster_leave_a_jobs_own_keys_alone(monkeypatch):
+    from ray_codistill.cluster import _forwarded_env
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    monkeypatch.setenv("RAY_CODISTILL_VERBOSE", "0")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert _forwarded_env() == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_CODISTILL_VERBOSE": "0"}
+    # inside `ray job submit --runtime-env-json '{"env_vars": {...}}'`: Ray refuses a key set twice
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       '{"runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}}}')
+    assert _forwarded_env() == {"RAY_CODISTILL_VERBOSE": "0"}
