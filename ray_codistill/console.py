@@ -13,8 +13,11 @@ error and worker traceback. Three of Ray 2.60's own settings do it, each for wha
   with it goes the ERROR line core_worker.cc prints for it on every worker group ("Actor with class
   name: 'PreemptionWatcher' ... has constructor arguments in the object store"). The watcher only
   watches for nodes being drained (managed clusters' preemption); this project does not use it.
-  The Train controller reads it, so it must reach the cluster's processes (`cluster.connect`
-  forwards it to a remote cluster through the job's runtime environment).
+  The Train controller reads it; Ray Train hands it from the process that calls `fit()` to its
+  controller (`ENV_VARS_TO_PROPAGATE` in ray/train/v2/_internal/constants.py). Tune trials call
+  `fit()` in processes of the cluster, so `cluster.connect` also puts it (and `VERBOSE`) in the
+  job's runtime environment when it attaches to an existing cluster; a local Ray started here
+  inherits this process's environment.
 Ray's session log files keep everything (`<session dir>/logs/`, e.g.
 /tmp/ray/session_latest/logs/ on the head node). `--verbose` leaves all of Ray's defaults alone.
 
