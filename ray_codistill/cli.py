@@ -18,6 +18,9 @@ def _config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("--storage", help="results folder (default: the config's storage_path)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing experiment folder")
+    p.add_argument("--verbose", action="store_true",
+                   help="show all of Ray's console output (by default Ray Train's routine INFO lines are "
+                        "hidden; warnings, errors and tracebacks always show; Ray's session logs keep all)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,16 +78,29 @@ def cmd_run(args) -> int:
         raise ConfigError("run needs a config file, or --resume NAME")
     else:
         result = run(_load(args), address=args.address, overwrite=args.overwrite)
+    _detach()
     print(f"results: {result.path}")
     return 0
 
 
 def cmd_compare(args) -> int:
     from ray_codistill.compare import compare
-    table, folder = compare(_load(args), args.seeds, args.methods, address=args.address, overwrite=args.overwrite)
-    print(table)
+    table, folder, plots = compare(_load(args), args.seeds, args.methods, address=args.address,
+                                   overwrite=args.overwrite)
+    _detach()
+    for path in plots:
+        print(f"plot: {path}")
     print(f"results: {folder}")
+    print(table)  # the last thing printed
     return 0
+
+
+def _detach() -> None:
+    """Leave Ray before the closing lines, so no forwarded worker line lands after them (Ray prints
+    what it still holds on shutdown; the session logs keep everything)."""
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def cmd_report(args) -> int:
@@ -101,8 +117,9 @@ def cmd_tune(args) -> int:
     cfg = _load(args)
     table, folder = search(cfg, load_space(args.space, cfg), samples=args.samples, scheduler=args.scheduler,
                            address=args.address, overwrite=args.overwrite, max_concurrent=args.max_concurrent)
-    print(table)
+    _detach()
     print(f"results: {folder}")
+    print(table)
     return 0
 
 
@@ -121,6 +138,9 @@ def cmd_stop(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("run", "compare", "tune"):
+        from ray_codistill.console import quiet_ray
+        quiet_ray(args.verbose)  # before anything imports Ray
     # commands import what they need, so `stats` and `--help` answer without loading torch
     from ray_codistill.errors import (ClusterError, ConfigError, DataError, ModelError, ReportError, RunError,
                                       StatsError)
@@ -132,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray-codistill: config error: {err}", file=sys.stderr)
         return 2
     except (RunError, ReportError, StatsError, ClusterError) as err:
+        if args.command in ("run", "compare", "tune"):
+            _detach()
         print(f"ray-codistill: error: {err}", file=sys.stderr)
         return 1
 

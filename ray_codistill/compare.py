@@ -9,16 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ray_codistill.config import METHODS, ConfigError, ExperimentConfig
-from ray_codistill.launcher import say, write_parquet
+from ray_codistill.console import say
+from ray_codistill.launcher import write_parquet
 from ray_codistill import launcher, report
 
 
 def compare(cfg: ExperimentConfig, seeds: list[int], methods: list[str] | None = None,
-            address: str | None = None, overwrite: bool = False) -> tuple[str, Path]:
-    """Run `methods` x `seeds`; returns the markdown table and the comparison folder.
+            address: str | None = None, overwrite: bool = False) -> tuple[str, Path, list[Path]]:
+    """Run `methods` x `seeds`; returns the markdown table, the comparison folder and the plots.
 
     Experiments go to `<storage_path>/<name>/<name>-<method>-s<seed>`, with `comparison.parquet`
-    (one row per experiment) beside them.
+    (one row per experiment) and the report's PNG plots (`report.report`) beside them.
     """
     methods = list(methods or METHODS)
     for m in methods:
@@ -29,11 +30,13 @@ def compare(cfg: ExperimentConfig, seeds: list[int], methods: list[str] | None =
             for m in methods for s in seeds]
     folders = []
     for i, run_cfg in enumerate(runs, 1):
-        say(f"comparison {cfg.name}: run {i}/{len(runs)}: {run_cfg.name}")
-        result = launcher.run(run_cfg, address=address, overwrite=overwrite)
+        heading = f"comparison {cfg.name}: experiment {i}/{len(runs)}: {run_cfg.name}"
+        say(heading)
+        result = launcher.run(run_cfg, address=address, overwrite=overwrite, heading=heading)
         if result.summary["status"] == "stopped":
             say(f"warning: {run_cfg.name} was stopped early: its figures are not on the same budget as the others")
         folders.append(result.path)
     summaries = report.load_summaries(folders)
     write_parquet(group.resolve() / "comparison.parquet", summaries)
-    return report.to_markdown(report.comparison_table(summaries)), group.resolve()
+    _, plots = report.report(folders, group.resolve())
+    return report.to_markdown(report.comparison_table(summaries)), group.resolve(), plots

@@ -2,8 +2,8 @@
 
 `run(cfg)` checks everything that can be checked before a worker starts (data, model, storage,
 resources), attaches to Ray (local when no address is given), starts the experiment's broker and
-fits one `TorchTrainer` per replica concurrently (one for `allreduce`), prints progress while they
-train, and writes `metrics.parquet` and `summary.json` under `<storage_path>/<name>`.
+fits one `TorchTrainer` per replica concurrently (one for `allreduce`), shows progress while they
+train (console.py), and writes `metrics.parquet` and `summary.json` under `<storage_path>/<name>`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ALL_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 from ray_codistill.broker import new_token, start_broker, stop_broker
 from ray_codistill.cluster import connect
 from ray_codistill.config import ConfigError, ExperimentConfig
+from ray_codistill.console import RunProgress, say, train_logging
 from ray_codistill.data import describe, eval_batches, load_splits, probe_split
 from ray_codistill.divergence import churn, ensemble_accuracy
 from ray_codistill.models import check_model
@@ -42,10 +43,6 @@ ID_COLUMNS = ["experiment", "method", "replica", "seed", "step"]
 class ExperimentResult:
     path: Path
     summary: dict
-
-
-def say(msg: str) -> None:
-    print(f"[ray-codistill] {msg}", flush=True)
 
 
 # -- small file helpers ---------------------------------------------------------------------------
@@ -166,34 +163,20 @@ def _trainer(cfg: ExperimentConfig, replica: int, splits_ref, folder: Path, toke
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(folder / "train"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.replica_max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=train_logging()),
     )
 
 
-def _progress_line(cfg: ExperimentConfig, progress: dict) -> str:
-    parts = []
-    for r in range(cfg.num_models):
-        p = progress.get(r)
-        if not p:
-            parts.append(f"r{r} starting")
-            continue
-        text = f"r{r} step {p['step']}/{cfg.steps} loss {p['train/loss']:.3f}"
-        if p.get("val/acc") is not None:
-            text += f" val {p['val/acc']:.3f}"
-        if p.get("perf/samples_per_s"):
-            text += f" {p['perf/samples_per_s']:.0f} samples/s"
-        if p.get("distill/hit_rate") is not None:
-            text += f" hits {p['distill/hit_rate']:.0%}"
-        parts.append(text)
-    return " | ".join(parts)
-
-
 def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = False,
-        progress_every_s: float = 10.0, on_progress=None, resume: bool = False) -> ExperimentResult:
+        progress_every_s: float = 10.0, on_progress=None, resume: bool = False,
+        heading: str | None = None) -> ExperimentResult:
     """Train one experiment to the end and write its result files; returns where they are.
 
     `on_progress(progress)`, if given, is called from this thread with the newest metric row of
-    each replica (`{replica: row}`) at every progress poll (Tune trials report through it).
+    each replica (`{replica: row}`) at every progress poll (Tune trials report through it). Polls
+    come every `progress_every_s`, or every second while live progress is drawn on a terminal
+    under `heading` (console.RunProgress).
     `resume=True` continues an experiment whose driver died: each replica restarts from its
     latest checkpoint in the experiment folder, and the broker reloads the rows and counters it
     had journalled there (rows after a replica's checkpoint are dropped and logged again).
@@ -230,21 +213,19 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     trainers = [_trainer(cfg, r, splits_ref, folder, token) for r in range(cfg.num_models)]
     errors: dict[int, BaseException] = {}
     try:
-        with ThreadPoolExecutor(max_workers=len(trainers), thread_name_prefix="replica") as pool:
+        with ThreadPoolExecutor(max_workers=len(trainers), thread_name_prefix="replica") as pool, \
+                RunProgress(cfg.num_models, cfg.steps, heading or f"experiment {cfg.name}",
+                            every_s=progress_every_s) as shown:
             futures = [pool.submit(t.fit) for t in trainers]
-            last = 0.0
-            while not all(f.done() for f in futures):
-                time.sleep(0.5)
-                if time.time() - last >= progress_every_s:
-                    last = time.time()
-                    try:
-                        progress = ray.get(broker.progress.remote(), timeout=10)
-                    except Exception as err:  # progress is best-effort; training goes on
-                        say(f"progress unavailable: {type(err).__name__}")
-                        continue
-                    say(_progress_line(cfg, progress))
-                    if on_progress is not None:
-                        on_progress(progress)
+            while wait(futures, timeout=shown.poll_s, return_when=ALL_COMPLETED).not_done:
+                try:
+                    progress = ray.get(broker.progress.remote(), timeout=10)
+                except Exception as err:  # progress is best-effort; training goes on
+                    say(f"progress unavailable: {type(err).__name__}")
+                    continue
+                shown.update(progress)
+                if on_progress is not None:
+                    on_progress(progress)
             for r, f in enumerate(futures):
                 if f.exception() is not None:
                     errors[r] = f.exception()

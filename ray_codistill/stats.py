@@ -65,7 +65,7 @@ def format_stats(stats: dict) -> str:
             workers += f" (restarted {s['restarts']}x)"
         step = s["step"] if s["step"] >= 0 else None
         lines.append(
-            f"{r:>7} {_fmt(step, 'd', 6)} {_fmt(s['train_loss'], '.3f', 7)} {_fmt(s['val_acc'], '.3f', 7)} "
+            f"{r:>7} {_fmt(step, 'd', 6)} {_fmt(s['train_loss'], '.3g', 7)} {_fmt(s['val_acc'], '.3f', 7)} "
             f"{_fmt(s['probe_acc'], '.3f', 7)} {_fmt(s['samples_per_s'], '.0f', 10)} {_fmt(s['hit_rate'], '.1%', 7)} "
             f"{age:>15} {s['bytes_in'] / 1e6:>5.1f}/{s['bytes_out'] / 1e6:<5.1f} "
             f"{sum(s['rejected'].values()):>9}  {workers}")
@@ -74,7 +74,7 @@ def format_stats(stats: dict) -> str:
         lines.append(f"divergence at step {div['step']} (probe set), ensemble acc {div['ensemble_acc']:.3f}:")
         for p in div["pairs"]:
             lines.append(f"  replicas {p['replica_a']}-{p['replica_b']}: disagreement {p['disagreement']:.3f}  "
-                         f"symmetric KL {p['sym_kl']:.4f}  logit L2 {p['l2']:.3f}")
+                         f"symmetric KL {p['sym_kl']:.3g}  logit L2 {p['l2']:.3g}")
     return "\n".join(lines)
 
 

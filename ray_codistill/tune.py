@@ -27,7 +27,8 @@ from ray_codistill.broker import get_broker
 from ray_codistill.cluster import connect
 from ray_codistill.config import METHODS, ExperimentConfig
 from ray_codistill.errors import ClusterError, ConfigError
-from ray_codistill.launcher import say, write_parquet
+from ray_codistill.console import say
+from ray_codistill.launcher import write_parquet
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 RESULT_COLUMNS = ["phase", "group", "method", "trial", "experiment", "seed", "status", "step", "val_acc",

@@ -23,7 +23,7 @@ from live import ENDLESS, LiveRun
 @pytest.fixture(scope="module")
 def comparison(ray_cluster, tmp_path_factory):
     cfg = load_config(CONFIGS / "smoke.yaml", storage_path=str(tmp_path_factory.mktemp("runs")))
-    table, folder = compare(cfg, seeds=[0], methods=["codistill", "independent", "allreduce"])
+    table, folder, _plots = compare(cfg, seeds=[0], methods=["codistill", "independent", "allreduce"])
     return table, folder
 
 
