@@ -218,15 +218,19 @@ def _check_state_api() -> None:
     through a helper that asks Ray's State API (served by the dashboard) whether the run's
     controller is gone. Without it the stopped trials' CPUs stay reserved and later trials wait
     for them forever: refuse that before anything starts."""
+    from ray._private.worker import get_dashboard_url
     from ray.util.state import list_nodes
-    try:  # this cluster's, by its address: "auto" fails when the machine runs several Rays
-        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=10)
-    except Exception as err:  # noqa: BLE001 - no API server: ConnectionError, RayStateApiException, ...
+    url = get_dashboard_url()  # this cluster's, from its GCS ("" when it runs without a dashboard)
+    try:
+        if not url:
+            raise ConnectionError("the cluster runs no dashboard")
+        list_nodes(address=url if "://" in url else f"http://{url}", limit=1, timeout=10)
+    except Exception as err:  # noqa: BLE001 - no State API: ConnectionError, RayStateApiException, ...
         raise ClusterError(
             "--scheduler asha needs Ray's dashboard (its State API) on the cluster: Ray Train uses it to "
             "free the CPUs of trials that ASHA stops, which otherwise stay reserved while later trials wait "
             "for them; start Ray with the dashboard (the default of `ray start` and `ray.init` with "
-            f"ray[default]) or use --scheduler none ({type(err).__name__})") from err
+            f"ray[default]) or use --scheduler none ({err})") from err
 
 
 def _best(rows: pd.DataFrame, group: Group) -> dict:
