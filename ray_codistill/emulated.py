@@ -389,7 +389,7 @@ class EmulatedCluster:
             if node.proc is not None and node.proc.poll() is None:
                 try:
                     os.killpg(node.proc.pid, signal.SIGTERM)  # --block takes its Ray processes down
-                    node.proc.wait(timeout=20)
+                    node.proc.wait(timeout=5)  # then SIGKILL: the namespaces go anyway
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     pass
         _clear_slot(self.slot)  # whatever is left in the namespaces, the namespaces, the temp dirs
