@@ -314,9 +314,11 @@ class EmulatedCluster:
         """Alive Ray nodes as the head sees them: `{node_id, ip, labels, resources}`."""
         code = (f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR', "
                 "log_to_driver=False, configure_logging=False); "
-                "print(json.dumps([{'node_id': n['NodeID'], 'ip': n['NodeManagerAddress'], "
+                "print('RCDNODES', json.dumps([{'node_id': n['NodeID'], 'ip': n['NodeManagerAddress'], "
                 "'labels': n.get('Labels', {}), 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))")
-        return json.loads(self.python_in(0, code).strip().splitlines()[-1])
+        out = self.python_in(0, code)  # Ray may print warnings on stdout too: find our line
+        line, = [ln for ln in out.splitlines() if ln.startswith("RCDNODES ")]
+        return json.loads(line[len("RCDNODES "):])
 
     def wait_for_nodes(self, count: int, timeout_s: float = 180) -> list[dict]:
         """Wait until exactly `count` nodes are alive (a dead node leaves the list within Ray's
@@ -330,7 +332,7 @@ class EmulatedCluster:
                                                f"log: {node.temp_dir}.log")
             try:
                 last = self.ray_nodes()
-            except (EmulatedClusterError, subprocess.TimeoutExpired):
+            except (EmulatedClusterError, subprocess.TimeoutExpired, ValueError):
                 last = []
             if len(last) == count:
                 return last

@@ -76,8 +76,12 @@ class Watcher:
                                                   "--json", "--watch", "0.5", "--address", self.cluster.address],
                                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             for line in self.proc.stdout:
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    continue
                 with self.cond:
-                    self.docs.append((time.time(), json.loads(line)))
+                    self.docs.append((time.time(), doc))
                     self.cond.notify_all()
             self.proc.wait()
             with self.cond:
@@ -174,3 +178,83 @@ def test_allreduce_workers_one_per_node_allreduce_over_the_links(cluster, tmp_pa
     for i in (1, 2):
         assert after[i]["out"] - before[i]["out"] >= 0.5 * grads, (i, after[i], before[i], grads)
         assert after[i]["in"] - before[i]["in"] >= 0.5 * grads, (i, after[i], before[i], grads)
+
+
+LOSS_RUN = {"steps": 4000, "checkpoint_every": 250, "replica_max_failures": 1, "node_wait_s": 300,
+            "log_every": 50, "eval_every": 5000, "codistill.probe_every": 1000, "codistill.probe_size": 64}
+
+
+def _rows_once(metrics: pd.DataFrame, cfg: dict) -> None:
+    want = sorted(set(range(cfg["log_every"], cfg["steps"] + 1, cfg["log_every"])) |
+                  set(range(cfg["eval_every"], cfg["steps"] + 1, cfg["eval_every"])) | {cfg["steps"]})
+    for replica, rows in metrics.groupby("replica"):
+        assert rows["step"].tolist() == want, f"replica {replica}: steps are not every row once"
+
+
+def test_a_lost_node_comes_back_and_its_replica_resumes_from_its_checkpoint(cluster, tmp_path):
+    """Node n2 (replica 1's; replica 0 is on n1) is killed whole, then started again: replica 0
+    trains on through the outage; replica 1 comes back from its checkpoint on the new n2; every
+    step is logged once. The kill waits for replica 1 to pass step 1000 (four checkpoints of 250
+    steps), 3000 steps before the end of the run (about 20 s here; stats answers every 0.5 s)."""
+    name, timeline = "emu-loss", {}
+    driver = cluster.popen_in(0, [sys.executable, "-m", "ray_codistill.cli",
+                                  *_run_args(cluster, tmp_path, name, *[f"{k}={v}" for k, v in LOSS_RUN.items()])],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = Watcher(cluster, name)
+    try:
+        ids = {n: nid for nid, n in cluster.node_ids().items()}
+        at_kill = watcher.wait(lambda d: d["replicas"]["1"]["step"] >= 1000, "replica 1 past step 1000")
+        assert list((tmp_path / name / "train" / f"{name}-r1").glob("checkpoint_*")), "no checkpoint on disk"
+        cluster.kill_node(2)
+        timeline["kill"] = time.time()
+        r0_at_kill = at_kill["replicas"]["0"]["step"]
+        timeline["r0_step_at_kill"], timeline["r1_step_at_kill"] = r0_at_kill, at_kill["replicas"]["1"]["step"]
+        # while n2 is down, replica 0 advances (an event, not a sleep) and Ray sees the node gone
+        watcher.wait(lambda d: d["replicas"]["0"]["step"] >= min(r0_at_kill + 500, LOSS_RUN["steps"]),
+                     "replica 0 advancing while n2 is down")
+        cluster.wait_for_nodes(2, timeout_s=120)
+        timeline["node_dead_seen"] = time.time()
+        timeline["r0_step_at_restart"] = watcher.docs[-1][1]["replicas"]["0"]["step"]
+        cluster.restart_node(2)
+        cluster.wait_for_nodes(3, timeout_s=120)
+        timeline["node_back"] = time.time()
+        new_ids = {n: nid for nid, n in cluster.node_ids().items()}
+        back = watcher.wait(lambda d: d["replicas"]["1"]["restarts"] >= 1 and d["replicas"]["1"]["workers"]
+                            and d["replicas"]["1"]["workers"]["0"]["node_id"] == new_ids["n2"],
+                            "replica 1 restarted on the new n2")
+        out, _ = driver.communicate(timeout=600)
+        timeline["finish"] = time.time()
+    finally:
+        watcher.stop()
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-4000:]
+    assert new_ids["n2"] != ids["n2"]  # a new Ray node on the same address
+    assert back["replicas"]["0"]["workers"]["0"]["node_id"] == ids["n1"] and back["replicas"]["0"]["restarts"] == 0
+
+    folder = tmp_path / name
+    summary = json.loads((folder / "summary.json").read_text())
+    metrics = pd.read_parquet(folder / "metrics.parquet")
+    assert summary["status"] == "finished" and summary["restarts"] == {"0": 0, "1": 1}
+    restart, = [e for e in summary["events"] if e["event"] == "restarted"]
+    timeline["restart_event"], timeline["restart_step"] = restart["time"], restart["step"]
+    assert restart["replica"] == 1 and restart["time"] > timeline["node_back"] - 1
+    assert restart["step"] % LOSS_RUN["checkpoint_every"] == 0 and 0 < restart["step"] <= timeline["r1_step_at_kill"]
+    _rows_once(metrics, LOSS_RUN)
+
+    # replica 0 during the outage (kill -> replica 1's restart) against the same time before the kill
+    r0 = metrics[metrics["replica"] == 0].sort_values("timestamp")
+    outage = r0[(r0["timestamp"] > timeline["kill"]) & (r0["timestamp"] < restart["time"])]
+    span = min(restart["time"], r0["timestamp"].max()) - timeline["kill"]
+    before = r0[(r0["timestamp"] > timeline["kill"] - span) & (r0["timestamp"] <= timeline["kill"])]
+    assert len(outage) > 0
+    rate = lambda rows: (rows["step"].max() - rows["step"].min()) / max(1e-9, rows["timestamp"].max() - rows["timestamp"].min())  # noqa: E731
+    gaps = outage["timestamp"].diff().dropna()
+    timeline.update(r0_steps_during_outage=int(outage["step"].max() - timeline["r0_step_at_kill"]),
+                    r0_steps_per_s_outage=rate(outage), r0_steps_per_s_before=rate(before),
+                    r0_longest_gap_s=float(gaps.max()) if len(gaps) else None)
+    t0 = timeline["kill"]
+    print("\nnode-loss timeline (s after the kill): " + json.dumps(
+        {k: (round(v - t0, 1) if k in ("node_dead_seen", "node_back", "restart_event", "finish") else
+             (round(v, 1) if isinstance(v, float) and k != "kill" else v)) for k, v in timeline.items() if k != "kill"}))
+    assert timeline["r0_longest_gap_s"] is None or timeline["r0_longest_gap_s"] < 15  # no pause
