@@ -310,33 +310,43 @@ class EmulatedCluster:
             raise EmulatedClusterError(f"python in {self.nodes[node].ns} failed: {out.stderr.strip()[-2000:]}")
         return out.stdout
 
-    def ray_nodes(self) -> list[dict]:
-        """Alive Ray nodes as the head sees them: `{node_id, ip, labels, resources}`."""
-        code = (f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR', "
-                "log_to_driver=False, configure_logging=False); "
-                "print('RCDNODES', json.dumps([{'node_id': n['NodeID'], 'ip': n['NodeManagerAddress'], "
-                "'labels': n.get('Labels', {}), 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))")
-        out = self.python_in(0, code)  # Ray may print warnings on stdout too: find our line
-        line, = [ln for ln in out.splitlines() if ln.startswith("RCDNODES ")]
+    def _nodes_code(self, count: int | None, timeout_s: float) -> str:
+        # one process polls in a loop: an interpreter that imports Ray costs seconds of CPU
+        return (f"import json, time, ray; ray.init(address={self.address!r}, logging_level='ERROR', "
+                "log_to_driver=False, configure_logging=False)\n"
+                f"deadline = time.monotonic() + {timeout_s}\n"
+                "while True:\n"
+                "    alive = [{'node_id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'labels': n.get('Labels', {}), "
+                "'resources': n['Resources']} for n in ray.nodes() if n['Alive']]\n"
+                f"    if {count!r} is None or len(alive) == {count!r} or time.monotonic() > deadline:\n"
+                "        break\n"
+                "    time.sleep(0.5)\n"
+                "print('RCDNODES', json.dumps(alive))\n")
+
+    def ray_nodes(self, count: int | None = None, timeout_s: float = 0) -> list[dict]:
+        """Alive Ray nodes as the head sees them: `{node_id, ip, labels, resources}` (with `count`:
+        once that many are alive, or after `timeout_s`)."""
+        out = self.python_in(0, self._nodes_code(count, timeout_s), timeout_s=timeout_s + 120)
+        line, = [ln for ln in out.splitlines() if ln.startswith("RCDNODES ")]  # Ray may print on stdout too
         return json.loads(line[len("RCDNODES "):])
 
     def wait_for_nodes(self, count: int, timeout_s: float = 180) -> list[dict]:
         """Wait until exactly `count` nodes are alive (a dead node leaves the list within Ray's
-        health-check period)."""
+        health-check period, about 15 s)."""
         deadline = time.monotonic() + timeout_s
         last: list = []
         while time.monotonic() < deadline:
-            for node in self.nodes:
-                if node.proc is not None and node.proc.poll() is not None and node.index == 0:
-                    raise EmulatedClusterError(f"the head's `ray start` exited ({node.proc.returncode}); "
-                                               f"log: {node.temp_dir}.log")
+            head = self.head.proc
+            if head is not None and head.poll() is not None:
+                raise EmulatedClusterError(f"the head's `ray start` exited ({head.returncode}); "
+                                           f"log: {self.head.temp_dir}.log")
             try:
-                last = self.ray_nodes()
+                last = self.ray_nodes(count, max(1.0, deadline - time.monotonic()))
             except (EmulatedClusterError, subprocess.TimeoutExpired, ValueError):
-                last = []
+                last = []  # the head is not up yet
+                time.sleep(1)
             if len(last) == count:
                 return last
-            time.sleep(1)
         raise EmulatedClusterError(f"{count} alive node(s) expected within {timeout_s:.0f}s, saw {len(last)}")
 
     def node_ids(self) -> dict[str, str]:

@@ -49,9 +49,13 @@ def cluster():
         c.stop()
 
 
-def _cli(cluster, *args, timeout=600) -> subprocess.CompletedProcess:
-    return cluster.run_in(0, [sys.executable, "-m", "ray_codistill.cli", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def _all_nodes_up(cluster) -> None:
+    """Start again any worker node an earlier test left killed."""
+    down = [n.index for n in cluster.nodes[1:] if n.proc is None or n.proc.poll() is not None]
+    for i in down:
+        cluster.restart_node(i)
+    if down:
+        cluster.wait_for_nodes(len(cluster.nodes), timeout_s=120)
 
 
 def _run_args(cluster, tmp_path, name: str, *sets: str) -> list[str]:
@@ -115,6 +119,7 @@ def _nodes_of(doc: dict) -> dict[str, set]:
 
 
 def test_codistill_replicas_run_on_their_nodes_and_exchange_over_the_links(cluster, tmp_path):
+    _all_nodes_up(cluster)
     ids = {name: nid for nid, name in cluster.node_ids().items()}
     before = {i: cluster.link_bytes(i) for i in (1, 2)}
     driver = cluster.popen_in(0, [sys.executable, "-m", "ray_codistill.cli",
@@ -148,6 +153,7 @@ def test_codistill_replicas_run_on_their_nodes_and_exchange_over_the_links(clust
 
 
 def test_allreduce_workers_one_per_node_allreduce_over_the_links(cluster, tmp_path):
+    _all_nodes_up(cluster)
     ids = {name: nid for nid, name in cluster.node_ids().items()}
     before = {i: cluster.link_bytes(i) for i in (1, 2)}
     driver = cluster.popen_in(0, [sys.executable, "-m", "ray_codistill.cli",
@@ -197,6 +203,7 @@ def test_a_lost_node_comes_back_and_its_replica_resumes_from_its_checkpoint(clus
     step is logged once. The kill waits for replica 1 to pass step 1000 (four checkpoints of 250
     steps), 3000 steps before the end of the run (about 20 s here; stats answers every 0.5 s)."""
     name, timeline = "emu-loss", {}
+    _all_nodes_up(cluster)
     driver = cluster.popen_in(0, [sys.executable, "-m", "ray_codistill.cli",
                                   *_run_args(cluster, tmp_path, name, *[f"{k}={v}" for k, v in LOSS_RUN.items()])],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -258,3 +265,36 @@ def test_a_lost_node_comes_back_and_its_replica_resumes_from_its_checkpoint(clus
         {k: (round(v - t0, 1) if k in ("node_dead_seen", "node_back", "restart_event", "finish") else
              (round(v, 1) if isinstance(v, float) and k != "kill" else v)) for k, v in timeline.items() if k != "kill"}))
     assert timeline["r0_longest_gap_s"] is None or timeline["r0_longest_gap_s"] < 15  # no pause
+
+
+def test_a_node_that_never_comes_back_fails_its_replica_and_keeps_the_others_results(cluster, tmp_path):
+    """n2 killed for good: after node_wait_s replica 1 is marked failed, replica 0's results are
+    written, and the exit status is 1."""
+    _all_nodes_up(cluster)
+    name, run = "emu-lost", {**LOSS_RUN, "steps": 3000, "node_wait_s": 15}
+    driver = cluster.popen_in(0, [sys.executable, "-m", "ray_codistill.cli",
+                                  *_run_args(cluster, tmp_path, name, *[f"{k}={v}" for k, v in run.items()])],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = Watcher(cluster, name)
+    try:
+        watcher.wait(lambda d: d["replicas"]["1"]["step"] >= 1000, "replica 1 past step 1000")
+        cluster.kill_node(2)
+        killed = time.time()
+        out, _ = driver.communicate(timeout=600)
+        ended = time.time()
+    finally:
+        watcher.stop()
+        if driver.poll() is None:
+            driver.kill()
+    print(f"\nnode never back: run ended {ended - killed:.1f}s after the kill (node_wait_s 15), exit {driver.returncode}")
+    assert driver.returncode == 1, out[-4000:]
+    assert "replica 1 FAILED" in out and "results of the replicas that finished" in out, out[-4000:]
+    folder = tmp_path / name
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["replica_status"] == {"0": "finished", "1": "failed"}
+    assert "1" in summary["errors"]
+    survivor, = summary["replicas"]
+    assert survivor["replica"] == 0 and survivor["steps"] == run["steps"] and survivor["test_acc"] > 0.5
+    metrics = pd.read_parquet(folder / "metrics.parquet")
+    _rows_once(metrics[metrics["replica"] == 0], run)
+    assert metrics[metrics["replica"] == 1]["step"].max() >= 1000  # the lost replica's rows are kept too
