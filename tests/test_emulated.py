@@ -249,11 +249,11 @@ def test_a_lost_node_comes_back_and_its_replica_resumes_from_its_checkpoint(clus
     assert restart["step"] % LOSS_RUN["checkpoint_every"] == 0 and 0 < restart["step"] <= timeline["r1_step_at_kill"]
     _rows_once(metrics, LOSS_RUN)
 
-    # replica 0 during the outage (kill -> replica 1's restart) against the same time before the kill
+    # replica 0 during the outage (kill -> replica 1's restart) against before the kill, from its
+    # first checkpoint on (the steps before it run without a checkpoint's pause: a faster start)
     r0 = metrics[metrics["replica"] == 0].sort_values("timestamp")
     outage = r0[(r0["timestamp"] > timeline["kill"]) & (r0["timestamp"] < restart["time"])]
-    span = min(restart["time"], r0["timestamp"].max()) - timeline["kill"]
-    before = r0[(r0["timestamp"] > timeline["kill"] - span) & (r0["timestamp"] <= timeline["kill"])]
+    before = r0[(r0["step"] >= LOSS_RUN["checkpoint_every"]) & (r0["timestamp"] <= timeline["kill"])]
     assert len(outage) > 0
     rate = lambda rows: (rows["step"].max() - rows["step"].min()) / max(1e-9, rows["timestamp"].max() - rows["timestamp"].min())  # noqa: E731
     gaps = outage["timestamp"].diff().dropna()
