@@ -335,6 +335,7 @@ class Broker:
             "probe_rounds": len({row["step"] for row in self.rounds.history}) if self.rounds else 0,
             "rejected_unknown_replica": self.guard.unknown,
             "broker_shards": max(1, len(self.shards)),
+            "broker_node": _node_here(),
             "events": self._events,
         }
 
@@ -351,6 +352,13 @@ class Broker:
 
 # Ray restarts a killed broker and retries the calls it lost (a retried `log` replaces its rows),
 # except publications and fetches: the next one supersedes them
+def _node_here() -> dict | None:
+    """The Ray node this process runs on (None outside Ray, e.g. a broker built in a unit test)."""
+    if not ray.is_initialized():
+        return None
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
 RemoteBroker = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=-1, max_task_retries=-1)(Broker)
 
 

@@ -126,8 +126,13 @@ def _clear_slot(slot: int) -> None:
     for ns in namespaces:
         _wait_namespace_empty(ns)
         _sh("ip", "netns", "del", ns, check=False)
-    for path in Path("/tmp").glob(f"{PREFIX}{slot}n*"):
-        shutil.rmtree(path, ignore_errors=True)
+    for path in Path("/tmp").glob(f"{PREFIX}{slot}n*"):  # the nodes' temp dirs and their logs
+        if not re.fullmatch(rf"{PREFIX}{slot}n\d+(\.log)?", path.name):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     (STATE_DIR / f"slot{slot}.json").unlink(missing_ok=True)
 
 
@@ -207,6 +212,7 @@ class EmulatedCluster:
         self.slot: int | None = None
         self.nodes: list[Node] = []
         self.token = secrets.token_hex(32)
+        self.measured_mbit: float | None = None  # set by measure_rate(): what a TCP transfer carried
 
     # -- names -------------------------------------------------------------------------------------
     @property
@@ -391,7 +397,8 @@ class EmulatedCluster:
         finally:
             if server.poll() is None:
                 server.kill()
-        return float(out.strip())
+        self.measured_mbit = float(out.strip())
+        return self.measured_mbit
 
     # -- teardown ----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -417,7 +424,8 @@ class EmulatedCluster:
 
     def describe(self) -> str:
         lines = [f"emulated Ray cluster (slot {self.slot}): head {self.address}, links shaped to "
-                 f"{self.rate_mbit:g} Mbit/s each way (tbf at both ends)"]
+                 f"{self.rate_mbit:g} Mbit/s each way (tbf at both ends)"
+                 + (f", measured {self.measured_mbit:.1f} Mbit/s" if self.measured_mbit else "")]
         for n in self.nodes:
             lines.append(f"  {n.name}: namespace {n.ns}, ip {n.ip}, {n.num_cpus:g} CPU, labels {n.labels}"
                          + (f", resources {n.resources}" if n.resources else ""))

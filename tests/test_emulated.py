@@ -32,6 +32,13 @@ def test_the_library_never_imports_the_emulated_cluster():
     assert users == []
 
 
+def test_without_root_the_reason_is_given(monkeypatch):
+    from ray_codistill import emulated
+    monkeypatch.setattr(emulated.os, "geteuid", lambda: 1000)
+    assert emulated.available() == (False, "network namespaces, veth pairs and tc need root "
+                                           "(this process is not root)")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     from ray_codistill.emulated import EmulatedCluster, available
@@ -42,8 +49,9 @@ def cluster():
     c = EmulatedCluster(workers=2, rate_mbit=RATE_MBIT, head_cpus=1, worker_cpus=1)
     c.start()
     try:
-        c.measured_mbit = c.measure_rate(1, 0, seconds=1.5)
-        print(f"\n{c.describe()}\nmeasured n1 -> n0: {c.measured_mbit:.1f} Mbit/s (configured {RATE_MBIT:g})")
+        measured = c.measure_rate(1, 0, seconds=1.5)
+        print(f"\n{c.describe()}\nmeasured n1 -> n0: {measured:.1f} Mbit/s (configured {RATE_MBIT:g})")
+        assert 0.8 * RATE_MBIT < measured < 1.05 * RATE_MBIT  # the links are shaped, both tbf at work
         yield c
     finally:
         c.stop()
@@ -136,8 +144,9 @@ def test_codistill_replicas_run_on_their_nodes_and_exchange_over_the_links(clust
     assert driver.returncode == 0, out[-3000:]
     after = {i: cluster.link_bytes(i) for i in (1, 2)}
 
-    # each replica on its own node (node ids from `stats`), the broker's on the head
+    # each replica on its own node (node ids from `stats`), the broker on the head
     assert _nodes_of(live) == {"0": {ids["n1"]}, "1": {ids["n2"]}}
+    assert live["broker_node"]["node_id"] == ids["n0"]
     summary = json.loads((tmp_path / "emu-codistill" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["replica_status"] == {"0": "finished", "1": "finished"}
     assert all(r["steps"] == 300 and r["test_acc"] > 0.5 for r in summary["replicas"])
