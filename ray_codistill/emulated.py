@@ -184,6 +184,8 @@ class Node:
     labels: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    up: bool = False  # started and not killed on purpose
+    starts: int = 0  # `ray start` launches since the last kill
 
     @property
     def name(self) -> str:
@@ -295,6 +297,7 @@ class EmulatedCluster:
             cmd += ["--head", f"--port={GCS_PORT}", "--include-dashboard=false"]
         else:
             cmd.append(f"--address={self.address}")
+        node.up, node.starts = True, node.starts + 1
         log = open(f"{node.temp_dir}.log", "ab")
         node.proc = subprocess.Popen(["ip", "netns", "exec", node.ns, *cmd], env=self.env, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -338,22 +341,38 @@ class EmulatedCluster:
 
     def wait_for_nodes(self, count: int, timeout_s: float = 180) -> list[dict]:
         """Wait until exactly `count` nodes are alive (a dead node leaves the list within Ray's
-        health-check period, about 15 s)."""
+        health-check period, about 15 s). A worker node's `ray start` that exits on its own (a port
+        still held by its predecessor, say) is started again, twice at most."""
         deadline = time.monotonic() + timeout_s
         last: list = []
+        error = ""
         while time.monotonic() < deadline:
             head = self.head.proc
             if head is not None and head.poll() is not None:
-                raise EmulatedClusterError(f"the head's `ray start` exited ({head.returncode}); "
-                                           f"log: {self.head.temp_dir}.log")
+                raise EmulatedClusterError(f"the head's `ray start` exited ({head.returncode}): "
+                                           f"{self._log_tail(self.head)}")
+            for node in self.nodes[1:]:
+                if node.up and node.proc is not None and node.proc.poll() is not None:
+                    if node.starts >= 3:
+                        raise EmulatedClusterError(f"{node.name}'s `ray start` exited {node.starts} times: "
+                                                   f"{self._log_tail(node)}")
+                    self._start_node(node)
             try:
-                last = self.ray_nodes(count, max(1.0, deadline - time.monotonic()))
-            except (EmulatedClusterError, subprocess.TimeoutExpired, ValueError):
-                last = []  # the head is not up yet
+                last = self.ray_nodes(count, max(1.0, min(15.0, deadline - time.monotonic())))
+            except (EmulatedClusterError, subprocess.TimeoutExpired, ValueError) as err:
+                last, error = [], str(err)[-500:]  # the head is not up yet, or Ray is slow to answer
                 time.sleep(1)
             if len(last) == count:
                 return last
-        raise EmulatedClusterError(f"{count} alive node(s) expected within {timeout_s:.0f}s, saw {len(last)}")
+        raise EmulatedClusterError(f"{count} alive node(s) expected within {timeout_s:.0f}s, saw "
+                                   f"{[n['ip'] for n in last]}; last error: {error or 'none'}")
+
+    @staticmethod
+    def _log_tail(node: Node, chars: int = 1500) -> str:
+        try:
+            return Path(f"{node.temp_dir}.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
 
     def node_ids(self) -> dict[str, str]:
         """Ray node id -> emulated node name (`n0` is the head)."""
@@ -364,6 +383,7 @@ class EmulatedCluster:
         if index == 0:
             raise ValueError("the head runs the driver; kill a worker node")
         node = self.nodes[index]
+        node.up, node.starts = False, 0
         _kill_namespace_processes(node.ns)
         _wait_namespace_empty(node.ns)
         if node.proc is not None:

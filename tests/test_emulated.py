@@ -195,7 +195,7 @@ def test_allreduce_workers_one_per_node_allreduce_over_the_links(cluster, tmp_pa
         assert after[i]["in"] - before[i]["in"] >= 0.5 * grads, (i, after[i], before[i], grads)
 
 
-LOSS_RUN = {"steps": 4000, "checkpoint_every": 250, "replica_max_failures": 1, "node_wait_s": 300,
+LOSS_RUN = {"steps": 4000, "checkpoint_every": 500, "replica_max_failures": 1, "node_wait_s": 300,
             "log_every": 50, "eval_every": 5000, "codistill.probe_every": 1000, "codistill.probe_size": 64}
 
 
@@ -209,8 +209,9 @@ def _rows_once(metrics: pd.DataFrame, cfg: dict) -> None:
 def test_a_lost_node_comes_back_and_its_replica_resumes_from_its_checkpoint(cluster, tmp_path):
     """Node n2 (replica 1's; replica 0 is on n1) is killed whole, then started again: replica 0
     trains on through the outage; replica 1 comes back from its checkpoint on the new n2; every
-    step is logged once. The kill waits for replica 1 to pass step 1000 (four checkpoints of 250
-    steps), 3000 steps before the end of the run (about 20 s here; stats answers every 0.5 s)."""
+    step is logged once. The kill waits for replica 1 to pass step 1500 (three checkpoints of 500
+    steps), 2500 steps before the end of the run (about 10 s here: each checkpoint costs a replica
+    about 2 s; stats answers every 0.5 s)."""
     name, timeline = "emu-loss", {}
     _all_nodes_up(cluster)
     driver = cluster.popen_in(0, [sys.executable, "-m", "ray_codistill.cli",
@@ -219,7 +220,7 @@ def test_a_lost_node_comes_back_and_its_replica_resumes_from_its_checkpoint(clus
     watcher = Watcher(cluster, name)
     try:
         ids = {n: nid for nid, n in cluster.node_ids().items()}
-        at_kill = watcher.wait(lambda d: d["replicas"]["1"]["step"] >= 1000, "replica 1 past step 1000")
+        at_kill = watcher.wait(lambda d: d["replicas"]["1"]["step"] >= 1500, "replica 1 past step 1500")
         assert list((tmp_path / name / "train" / f"{name}-r1").glob("checkpoint_*")), "no checkpoint on disk"
         cluster.kill_node(2)
         timeline["kill"] = time.time()
@@ -258,16 +259,19 @@ def test_a_lost_node_comes_back_and_its_replica_resumes_from_its_checkpoint(clus
     assert restart["step"] % LOSS_RUN["checkpoint_every"] == 0 and 0 < restart["step"] <= timeline["r1_step_at_kill"]
     _rows_once(metrics, LOSS_RUN)
 
-    # replica 0 during the outage (kill -> replica 1's restart) against before the kill, from its
-    # first checkpoint on (the steps before it run without a checkpoint's pause: a faster start)
+    # replica 0 during the outage (kill -> replica 1's restart) against before the kill, in whole
+    # checkpoint periods (a checkpoint costs about 2 s here, more than the period's steps)
     r0 = metrics[metrics["replica"] == 0].sort_values("timestamp")
     outage = r0[(r0["timestamp"] > timeline["kill"]) & (r0["timestamp"] < restart["time"])]
-    before = r0[(r0["step"] >= LOSS_RUN["checkpoint_every"]) & (r0["timestamp"] <= timeline["kill"])]
     assert len(outage) > 0
-    rate = lambda rows: (rows["step"].max() - rows["step"].min()) / max(1e-9, rows["timestamp"].max() - rows["timestamp"].min())  # noqa: E731
+    marks = r0[r0["step"] % LOSS_RUN["checkpoint_every"] == 0][["step", "timestamp"]].values.tolist()
+    periods = [(t0, t1, s1 - s0) for (s0, t0), (s1, t1) in zip(marks, marks[1:])]
+    rate = lambda ps: sum(p[2] for p in ps) / sum(p[1] - p[0] for p in ps) if ps else None  # noqa: E731
     gaps = outage["timestamp"].diff().dropna()
     timeline.update(r0_steps_during_outage=int(outage["step"].max() - timeline["r0_step_at_kill"]),
-                    r0_steps_per_s_outage=rate(outage), r0_steps_per_s_before=rate(before),
+                    r0_steps_per_s_before=rate([p for p in periods if p[1] <= timeline["kill"]]),
+                    r0_steps_per_s_outage=rate([p for p in periods if p[0] >= timeline["kill"]
+                                                and p[1] <= restart["time"]]),
                     r0_longest_gap_s=float(gaps.max()) if len(gaps) else None)
     t0 = timeline["kill"]
     print("\nnode-loss timeline (s after the kill): " + json.dumps(
@@ -280,7 +284,7 @@ def test_a_node_that_never_comes_back_fails_its_replica_and_keeps_the_others_res
     """n2 killed for good: after node_wait_s replica 1 is marked failed, replica 0's results are
     written, and the exit status is 1."""
     _all_nodes_up(cluster)
-    name, run = "emu-lost", {**LOSS_RUN, "steps": 3000, "node_wait_s": 15}
+    name, run = "emu-lost", {**LOSS_RUN, "steps": 3000, "node_wait_s": 5}
     driver = cluster.popen_in(0, [sys.executable, "-m", "ray_codistill.cli",
                                   *_run_args(cluster, tmp_path, name, *[f"{k}={v}" for k, v in run.items()])],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -295,7 +299,7 @@ def test_a_node_that_never_comes_back_fails_its_replica_and_keeps_the_others_res
         watcher.stop()
         if driver.poll() is None:
             driver.kill()
-    print(f"\nnode never back: run ended {ended - killed:.1f}s after the kill (node_wait_s 15), exit {driver.returncode}")
+    print(f"\nnode never back: run ended {ended - killed:.1f}s after the kill (node_wait_s 5), exit {driver.returncode}")
     assert driver.returncode == 1, out[-4000:]
     assert "replica 1 FAILED" in out and "results of the replicas that finished" in out, out[-4000:]
     folder = tmp_path / name
