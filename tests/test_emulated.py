@@ -284,7 +284,7 @@ def test_a_node_that_never_comes_back_fails_its_replica_and_keeps_the_others_res
     """n2 killed for good: after node_wait_s replica 1 is marked failed, replica 0's results are
     written, and the exit status is 1."""
     _all_nodes_up(cluster)
-    name, run = "emu-lost", {**LOSS_RUN, "steps": 3000, "node_wait_s": 5}
+    name, run = "emu-lost", {**LOSS_RUN, "steps": 3000, "node_wait_s": 10}
     driver = cluster.popen_in(0, [sys.executable, "-m", "ray_codistill.cli",
                                   *_run_args(cluster, tmp_path, name, *[f"{k}={v}" for k, v in run.items()])],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -299,7 +299,7 @@ def test_a_node_that_never_comes_back_fails_its_replica_and_keeps_the_others_res
         watcher.stop()
         if driver.poll() is None:
             driver.kill()
-    print(f"\nnode never back: run ended {ended - killed:.1f}s after the kill (node_wait_s 5), exit {driver.returncode}")
+    print(f"\nnode never back: run ended {ended - killed:.1f}s after the kill (node_wait_s 10), exit {driver.returncode}")
     assert driver.returncode == 1, out[-4000:]
     assert "replica 1 FAILED" in out and "results of the replicas that finished" in out, out[-4000:]
     folder = tmp_path / name
