@@ -350,8 +350,6 @@ class Broker:
         return {"broker": self.store.nbytes(), "shards": ray.get([s.nbytes.remote() for s in self.shards])}
 
 
-# Ray restarts a killed broker and retries the calls it lost (a retried `log` replaces its rows),
-# except publications and fetches: the next one supersedes them
 def _node_here() -> dict | None:
     """The Ray node this process runs on (None outside Ray, e.g. a broker built in a unit test)."""
     if not ray.is_initialized():
@@ -359,6 +357,8 @@ def _node_here() -> dict | None:
     return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
 
+# Ray restarts a killed broker and retries the calls it lost (a retried `log` replaces its rows),
+# except publications and fetches: the next one supersedes them
 RemoteBroker = ray.remote(num_cpus=0, max_concurrency=1, max_restarts=-1, max_task_retries=-1)(Broker)
 
 

@@ -190,8 +190,9 @@ class ExperimentConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
     replica_max_failures: int = 0  # FailureConfig(max_failures) of each replica's worker group
     # a lost worker group waits this long for a node to place it on again (its node lost, say);
-    # then the replica fails and the run ends with the others' results
-    node_wait_s: float = 600.0
+    # then the replica fails and the run ends with the others' results. null: Ray Train's default
+    # (tries again every 60 s, for ever)
+    node_wait_s: float | None = None
     storage_path: str = "results"  # experiment folders go here (a shared path on multi-node clusters)
     eval_batch_size: int = 1000
     data: DataConfig = field(default_factory=DataConfig)
@@ -217,7 +218,8 @@ class ExperimentConfig:
         _check(self.checkpoint_every >= 0, "checkpoint_every", f"got {self.checkpoint_every}, must be >= 0")
         _check(self.replica_max_failures >= 0, "replica_max_failures", f"got {self.replica_max_failures}, must be >= 0")
         _check(bool(self.storage_path), "storage_path", "must not be empty")
-        _check(self.node_wait_s > 0, "node_wait_s", f"got {self.node_wait_s}, must be > 0")
+        _check(self.node_wait_s is None or self.node_wait_s > 0, "node_wait_s",
+               f"got {self.node_wait_s}, must be > 0 or null (wait for ever)")
         pl = self.placement
         for key, entries in (("placement.replica_labels", pl.replica_labels),
                              ("placement.replica_resources", pl.replica_resources)):

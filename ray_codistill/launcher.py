@@ -167,10 +167,11 @@ def _trainer(cfg: ExperimentConfig, replica: int, splits_ref, folder: Path, toke
                                                **scaling_kwargs(cfg, replica)),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(folder / "train"),
-            # a worker group that cannot be placed again within node_wait_s (the worker group start
-            # timeout, below) fails at once instead of waiting another node_wait_s
-            failure_config=ray.train.FailureConfig(max_failures=cfg.replica_max_failures,
-                                                   controller_failure_limit=0),
+            # with node_wait_s, a worker group that cannot be placed again within it (the worker
+            # group start timeout, below) fails at once instead of trying again
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.replica_max_failures,
+                controller_failure_limit=-1 if cfg.node_wait_s is None else 0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
 
@@ -229,9 +230,12 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     broker = start_broker(cfg.name, cfg.num_models, len(splits.train), splits.num_classes, cc.max_staleness,
                           cfg.method, probe_labels, token, str(folder), cc.topk, cc.broker_shards,
                           broker_options(cfg))
-    # how long Ray Train waits for the resources of a worker group (at start, and after a node is
-    # lost); read by each trainer's controller when it starts (Ray Train propagates it)
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{cfg.node_wait_s:g}"
+    if cfg.node_wait_s is not None:
+        # how long Ray Train waits for the resources of a worker group (at start, and after a node
+        # is lost); read by each trainer's controller when it starts (Ray Train propagates it).
+        # Only when asked: the variable also goes into the workers' runtime env, which then cannot
+        # use Ray's prestarted worker processes
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{cfg.node_wait_s:g}"
     if resume:
         ray.get(broker.note.remote("resumed"))
         say("resuming from the replicas' latest checkpoints")

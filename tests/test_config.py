@@ -97,7 +97,7 @@ INVALID = [  # (override, the key the error names, words of what is allowed)
     ("storage_path=''", "storage_path", "must not be empty"),
     ("codistill.topk=0", "codistill.topk", ">= 1"),
     ("codistill.broker_shards=0", "codistill.broker_shards", ">= 1"),
-    ("node_wait_s=0", "node_wait_s", "> 0"),
+    ("node_wait_s=0", "node_wait_s", "> 0 or null"),
     ("placement.strategy=RANDOM", "placement.strategy", "PACK, SPREAD, STRICT_PACK, STRICT_SPREAD"),
     ("placement.replica_labels=[{node: a}]", "placement.replica_labels", "one per replica"),
     ("placement.replica_labels=[{node: ''}, {}]", "placement.replica_labels", "non-empty strings"),
