@@ -349,6 +349,7 @@ class Broker:
             "probe_rounds": len({row["step"] for row in self.rounds.history}) if self.rounds else 0,
             "rejected_unknown_replica": self.guard.unknown,
             "broker_shards": max(1, len(self.shards)),
+            "broker_node": _node_here(),
             "events": self._events,
         }
 
@@ -361,6 +362,13 @@ class Broker:
     def nbytes(self) -> dict:
         """Bytes held for teachers: in the broker's own store and in each shard."""
         return {"broker": self.store.nbytes(), "shards": ray.get([s.nbytes.remote() for s in self.shards])}
+
+
+def _node_here() -> dict | None:
+    """The Ray node this process runs on (None outside Ray, e.g. a broker built in a unit test)."""
+    if not ray.is_initialized():
+        return None
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
 
 # Ray restarts a killed broker and retries the calls it lost (a retried `log` replaces its rows),
@@ -383,25 +391,27 @@ def shard_name(experiment: str, shard: int) -> str:
 def start_broker(experiment: str, num_replicas: int, num_train: int, num_classes: int,
                  max_staleness: int | None = None, method: str = "codistill",
                  probe_labels: np.ndarray | None = None, token: str = "", folder: str | None = None,
-                 topk: int | None = None, shards: int = 1):
+                 topk: int | None = None, shards: int = 1, placement: dict | None = None):
     """Create the named broker actor of an experiment (the driver's side).
 
     With `folder` (the experiment folder) it journals what it must not lose there and reloads it
     when Ray restarts it; it is placed on the driver's node (softly: it may move if that node
     dies), so on a cluster of several nodes the folder must be on storage every node can reach.
+    `placement` (actor options: `label_selector`, `resources`) puts it on a chosen node instead.
     With `shards` > 1 the logits store is split by sample index over that many shard actors,
     which Ray spreads over the nodes; a restarted shard starts empty (its peers' next
     publications refill it).
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    where = placement or {
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
     shard_handles = [
         RemoteShard.options(name=shard_name(experiment, s), namespace=NAMESPACE, scheduling_strategy="SPREAD").remote(
             token, num_replicas=num_replicas, num_train=num_train, num_classes=num_classes, topk=topk,
             max_staleness=max_staleness, shard=s, num_shards=shards)
         for s in range(shards)] if shards > 1 else []
     handle = RemoteBroker.options(name=broker_name(experiment), namespace=NAMESPACE, lifetime=None,
-                                  scheduling_strategy=here).remote(
+                                  **where).remote(
         experiment, num_replicas, num_train, num_classes, max_staleness, method, probe_labels, token, folder,
         topk, shard_handles)
     ray.get([handle.ping.remote(), *(s.nbytes.remote() for s in shard_handles)])

@@ -141,6 +141,39 @@ class CodistillConfig:
         _check(self.broker_shards >= 1, "codistill.broker_shards", f"got {self.broker_shards}, must be >= 1")
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+@dataclass
+class PlacementConfig:
+    """Where things run, in Ray's own terms: node labels (`ray start --labels k=v`) and custom
+    resources (`ray start --resources '{"name": n}'`). Empty: Ray places freely."""
+    # entry r: the labels a node must have to hold replica r's workers ({}: any node). allreduce:
+    # replica r's share of the R x W workers (workers r*W .. r*W+W-1) goes where replica r would
+    replica_labels: list[dict[str, str]] = field(default_factory=list)
+    # entry r: custom resources each worker of replica r asks for (allreduce: all entries equal)
+    replica_resources: list[dict[str, float]] = field(default_factory=list)
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers of one group over nodes
+    broker_labels: dict[str, str] = field(default_factory=dict)  # the broker's node ({}: the driver's)
+    broker_resources: dict[str, float] = field(default_factory=dict)  # custom resources the broker asks for
+
+    def __post_init__(self) -> None:
+        _choice(self.strategy, "placement.strategy", PLACEMENT_STRATEGIES)
+        for key, selectors in (("placement.replica_labels", self.replica_labels),
+                               ("placement.broker_labels", [self.broker_labels])):
+            for sel in selectors:
+                _check(all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in sel.items()),
+                       key, f"got {sel!r}, labels are non-empty strings key: value")
+        for key, amounts in (("placement.replica_resources", self.replica_resources),
+                             ("placement.broker_resources", [self.broker_resources])):
+            for res in amounts:
+                _check(all(v > 0 for v in res.values()), key, f"got {res!r}, amounts must be > 0")
+                _check(not set(res) & set(RESERVED_RESOURCES), key,
+                       f"got {res!r}, name custom resources only (CPUs and GPUs come from "
+                       f"cpus_per_worker and use_gpu)")
+
+
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"  # unique experiment name; results go to <storage_path>/<name>
@@ -156,12 +189,17 @@ class ExperimentConfig:
     log_every: int = 20  # steps between metric rows / progress updates
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
     replica_max_failures: int = 0  # FailureConfig(max_failures) of each replica's worker group
+    # a lost worker group waits this long for a node to place it on again (its node lost, say);
+    # then the replica fails and the run ends with the others' results. null: Ray Train's default
+    # (tries again every 60 s, for ever)
+    node_wait_s: float | None = None
     storage_path: str = "results"  # experiment folders go here (a shared path on multi-node clusters)
     eval_batch_size: int = 1000
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     codistill: CodistillConfig = field(default_factory=CodistillConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or "")), "name",
@@ -180,6 +218,17 @@ class ExperimentConfig:
         _check(self.checkpoint_every >= 0, "checkpoint_every", f"got {self.checkpoint_every}, must be >= 0")
         _check(self.replica_max_failures >= 0, "replica_max_failures", f"got {self.replica_max_failures}, must be >= 0")
         _check(bool(self.storage_path), "storage_path", "must not be empty")
+        _check(self.node_wait_s is None or self.node_wait_s > 0, "node_wait_s",
+               f"got {self.node_wait_s}, must be > 0 or null (wait for ever)")
+        pl = self.placement
+        for key, entries in (("placement.replica_labels", pl.replica_labels),
+                             ("placement.replica_resources", pl.replica_resources)):
+            _check(not entries or len(entries) == self.replicas, key,
+                   f"got {len(entries)} entries, need one per replica ({self.replicas}) or none")
+        if self.method == "allreduce" and pl.replica_resources:
+            _check(all(r == pl.replica_resources[0] for r in pl.replica_resources), "placement.replica_resources",
+                   "allreduce is one worker group: Ray Train gives every worker the same resources; "
+                   "place its workers with placement.replica_labels instead")
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -250,6 +299,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if origin is list:
         _check(isinstance(value, list), key, f"got {value!r}, expected a list")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"got {value!r}, expected a mapping")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], key) for k, v in value.items()}
     if hint is bool:
         _check(isinstance(value, bool), key, f"got {value!r}, expected true or false")
         return value

@@ -33,6 +33,7 @@ from ray_codistill.console import RunProgress, say, train_logging
 from ray_codistill.data import describe, eval_batches, load_splits, probe_split
 from ray_codistill.divergence import churn, ensemble_accuracy
 from ray_codistill.models import check_model
+from ray_codistill.placement import broker_options, check_placement, cluster_nodes, scaling_kwargs
 from ray_codistill.replica import train_loop_per_worker
 from ray_codistill.errors import RunError
 
@@ -139,6 +140,8 @@ def load_resumable(name: str, storage_path: str) -> ExperimentConfig:
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
+    """Refuse a run the cluster cannot hold: too few CPUs or GPUs (RunError), or a placement that
+    names labels or resources no node has (ConfigError, naming the key)."""
     need_cpu = cfg.num_models * cfg.workers_per_model * cfg.cpus_per_worker
     have = ray.cluster_resources()
     if need_cpu > have.get("CPU", 0) + 1e-9:
@@ -148,21 +151,25 @@ def check_resources(cfg: ExperimentConfig) -> None:
     if cfg.use_gpu and cfg.num_models * cfg.workers_per_model > have.get("GPU", 0):
         raise RunError(f"use_gpu=true needs {cfg.num_models * cfg.workers_per_model} GPUs, "
                        f"the cluster has {have.get('GPU', 0):g}")
+    check_placement(cfg, cluster_nodes())
 
 
 # -- the run --------------------------------------------------------------------------------------
 
 def _trainer(cfg: ExperimentConfig, replica: int, splits_ref, folder: Path, token: str) -> TorchTrainer:
     run_name = f"{cfg.name}-allreduce" if cfg.method == "allreduce" else f"{cfg.name}-r{replica}"
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "replica": replica, "splits": splits_ref, "token": token},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers_per_model, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=resources),
+                                               **scaling_kwargs(cfg, replica)),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(folder / "train"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.replica_max_failures),
+            # with node_wait_s, a worker group that cannot be placed again within it (the worker
+            # group start timeout, below) fails at once instead of trying again
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.replica_max_failures,
+                controller_failure_limit=-1 if cfg.node_wait_s is None else 0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             logging_config=train_logging()),
     )
@@ -205,7 +212,14 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     token = new_token()
     cc = cfg.codistill
     broker = start_broker(cfg.name, cfg.num_models, len(splits.train), splits.num_classes, cc.max_staleness,
-                          cfg.method, probe_labels, token, str(folder), cc.topk, cc.broker_shards)
+                          cfg.method, probe_labels, token, str(folder), cc.topk, cc.broker_shards,
+                          broker_options(cfg))
+    if cfg.node_wait_s is not None:
+        # how long Ray Train waits for the resources of a worker group (at start, and after a node
+        # is lost); read by each trainer's controller when it starts (Ray Train propagates it).
+        # Only when asked: the variable also goes into the workers' runtime env, which then cannot
+        # use Ray's prestarted worker processes
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{cfg.node_wait_s:g}"
     if resume:
         ray.get(broker.note.remote("resumed"))
         say("resuming from the replicas' latest checkpoints")
@@ -243,6 +257,10 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     summary = _summary(cfg, final, stats, wall, errors)
     write_json(folder / "summary.json", summary)
     if errors:
+        for r, err in sorted(errors.items()):
+            say(f"replica {r} FAILED: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+        if summary["replicas"]:
+            say(f"results of the replicas that finished: test acc {_fmt_accs(summary)}; in {folder}")
         first = next(iter(errors.values()))
         raise RunError(f"{len(errors)} worker group(s) failed (replica(s) {sorted(errors)}): {first}") from first
     ended = "finished" if summary["status"] == "finished" else "stopped on request at step(s) " + ", ".join(
@@ -285,6 +303,10 @@ def _summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, error
         # "stopped": ended early by `ray-codistill stop` (each replica's "steps" says where)
         "status": "failed" if errors else "stopped" if any(r.get("stopped") for r in replicas) else "finished",
         "errors": {str(r): repr(e) for r, e in errors.items()},
+        # per worker group: finished, stopped (by `ray-codistill stop`), or failed (a lost replica;
+        # the others' results are kept)
+        "replica_status": {str(r): "failed" if r in errors else "stopped" if final.get(r, {}).get("result", {}).get(
+            "stopped") else "finished" for r in range(cfg.num_models)},
         "replicas": replicas,
         "test_acc_mean": float(np.mean([r["test_acc"] for r in replicas])) if replicas else None,
         "ensemble_test_acc": ensemble,

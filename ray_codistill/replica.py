@@ -343,6 +343,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           cfg.codistill.broker_shards)
     client.send("register_worker", rank, {"pid": os.getpid(), "host": socket.gethostname(),
                                           "node_id": ray.get_runtime_context().get_node_id(),
+                                          "node_ip": ray.util.get_node_ip_address(),
                                           "device": str(device)}, start)
     exchange = None
     if cfg.distills:

@@ -60,7 +60,9 @@ def format_stats(stats: dict) -> str:
              f"up {stats['uptime_s']:.0f}s, {stats['probe_rounds']} probe rounds)", COLUMNS]
     for r, s in stats["replicas"].items():
         age = "/".join("-" if s[k] is None else f"{s[k]:.0f}" for k in ("age_p50", "age_p95", "age_max"))
-        workers = ",".join(f"{w['pid']}@{w['host']}" for w in s["workers"].values()) or "-"
+        # the node: its IP tells nodes apart where hosts share a name (containers, namespaces)
+        workers = ",".join(f"{w['pid']}@{w['host']}/{w['node_ip']}" if w.get("node_ip") else f"{w['pid']}@{w['host']}"
+                           for w in s["workers"].values()) or "-"
         if s.get("restarts"):
             workers += f" (restarted {s['restarts']}x)"
         step = s["step"] if s["step"] >= 0 else None

@@ -29,6 +29,7 @@ from ray_codistill.config import METHODS, ExperimentConfig
 from ray_codistill.errors import ClusterError, ConfigError
 from ray_codistill.console import say
 from ray_codistill.launcher import write_parquet
+from ray_codistill.placement import cluster_nodes, concurrent_experiments
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 RESULT_COLUMNS = ["phase", "group", "method", "trial", "experiment", "seed", "status", "step", "val_acc",
@@ -142,8 +143,9 @@ def _tune(base: ExperimentConfig, group: Group, param_space: dict, phase: str, f
           samples: int, scheduler: str, max_concurrent: int | None = None) -> pd.DataFrame:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    cpus = base.replicas * base.workers_per_replica * base.cpus_per_worker  # the same for every method
-    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
+    # every resource one experiment holds (CPUs, GPUs, the placement's resources and labelled
+    # nodes), not CPUs alone: more trials than the GPUs (say) hold would only wait
+    concurrent = concurrent_experiments(base.replace(method=group.method), cluster_nodes())
     if max_concurrent is not None:  # a user's cap: room for others on a shared cluster, or trials in order
         concurrent = min(concurrent, max_concurrent)
     trainable = tune.with_parameters(run_trial, base=base.replace(method=group.method).to_dict(), group=group.name,

@@ -82,6 +82,15 @@ def registered_checkpoints(folder: Path, run_name: str) -> list[int]:
     return [r["metrics"]["step"] for r in state["checkpoint_results"]]
 
 
+def assert_every_row_once(metrics, summary: dict, log_every: int, eval_every: int) -> None:
+    """Every metric row of every replica in `summary` once, up to the step it ended at."""
+    last = {r["replica"]: r["steps"] for r in summary["replicas"]}
+    for replica, end in last.items():
+        want = sorted(set(range(log_every, end + 1, log_every)) | set(range(eval_every, end + 1, eval_every)) | {end})
+        steps = metrics.loc[metrics["replica"] == replica, "step"].tolist()
+        assert steps == want, f"replica {replica}: steps are not every row once"
+
+
 class LiveRun:
     """`launcher.run(cfg)` in a background thread; leaving the `with` block stops it if it is
     still going, so a failed test never leaves an endless run behind."""

@@ -97,6 +97,17 @@ INVALID = [  # (override, the key the error names, words of what is allowed)
     ("storage_path=''", "storage_path", "must not be empty"),
     ("codistill.topk=0", "codistill.topk", ">= 1"),
     ("codistill.broker_shards=0", "codistill.broker_shards", ">= 1"),
+    ("node_wait_s=0", "node_wait_s", "> 0 or null"),
+    ("placement.strategy=RANDOM", "placement.strategy", "PACK, SPREAD, STRICT_PACK, STRICT_SPREAD"),
+    ("placement.replica_labels=[{node: a}]", "placement.replica_labels", "one per replica"),
+    ("placement.replica_labels=[{node: ''}, {}]", "placement.replica_labels", "non-empty strings"),
+    ("placement.replica_labels=[{node: 1}, {}]", "placement.replica_labels[0]", "a string"),
+    ("placement.replica_resources=[{a: 1}]", "placement.replica_resources", "one per replica"),
+    ("placement.replica_resources=[{a: 0}, {}]", "placement.replica_resources", "> 0"),
+    ("placement.replica_resources=[{GPU: 1}, {}]", "placement.replica_resources", "custom resources only"),
+    ("placement.broker_labels={node: ''}", "placement.broker_labels", "non-empty strings"),
+    ("placement.broker_resources={x: -1}", "placement.broker_resources", "> 0"),
+    ("placement.broker_resources={CPU: 1}", "placement.broker_resources", "custom resources only"),
 ]
 
 
@@ -115,6 +126,11 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_allreduce_refuses_resources_that_differ_by_replica():
+    with pytest.raises(ConfigError, match="^placement.replica_resources: allreduce is one worker group"):
+        load_config(CONFIGS / "smoke.yaml", ["method=allreduce", "placement.replica_resources=[{a: 1}, {b: 1}]"])
 
 
 def test_exponent_without_dot_is_a_float():

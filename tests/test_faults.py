@@ -18,7 +18,8 @@ from ray_codistill.config import load_config
 from ray_codistill.stats import request_stop
 
 from conftest import CONFIGS, ROOT
-from live import DEADLINE_S, ENDLESS, LiveRun, registered_checkpoints, wait_for, wait_for_stats
+from live import (DEADLINE_S, ENDLESS, LiveRun, assert_every_row_once, registered_checkpoints, wait_for,
+                  wait_for_stats)
 
 # a run that only ends when the test stops it (so a kill always lands mid-run), checkpoints
 # every 250 steps
@@ -32,17 +33,7 @@ def _config(tmp_path, name: str):
 
 
 def _assert_no_gaps(metrics: pd.DataFrame, summary: dict, cfg) -> None:
-    """Every metric row of every replica once, up to the step it stopped at."""
-    last = {r["replica"]: r["steps"] for r in summary["replicas"]}
-    for replica, rows in metrics.groupby("replica"):
-        end = last[replica]
-        want = sorted(set(range(cfg.log_every, end + 1, cfg.log_every)) |
-                      set(range(cfg.eval_every, end + 1, cfg.eval_every)))
-        assert rows["step"].tolist() == want, f"replica {replica}: steps are not every row once"
-
-
-def _steps(stats: dict) -> dict[str, int]:
-    return {r: s["step"] for r, s in stats["replicas"].items()}
+    assert_every_row_once(metrics, summary, cfg.log_every, cfg.eval_every)
 
 
 def _restart_step(stats: dict, replica: int) -> int | None:

@@ -1,0 +1,514 @@
+"""An emulated cluster on one machine: real Ray nodes, each in its own network namespace, joined
+by rate-shaped links. A helper for tests and benchmarks, not part of the training path: the
+library never imports this module (tests/test_emulated.py checks that), and what runs on it runs
+unchanged on a real cluster with `--address`.
+
+Layout of one cluster (slot k, 0 <= k < MAX_SLOTS, so that several can coexist on a machine):
+
+    namespace rcd<k>-br   bridge `br0` and the bridge ends `v<i>` of every veth pair
+    namespace rcd<k>-n<i> node i (0 = head): veth end `rcd0`, address 198.18.<k>.<i+1>/24, lo
+
+Every veth is shaped with `tc ... tbf` at both ends (tbf shapes egress only), so traffic between
+two nodes crosses two shaped links. There is no delay emulation (no `netem` in this kernel): rate
+only. Nothing is put in the host's own namespace, so the emulated nodes reach each other and
+their own loopback only.
+
+Each node is `ray start --block` in a process group of its own, with its own `--temp-dir`,
+`--node-ip-address`, `--num-cpus`, the label `emulated-node=n<i>`, and the same
+`RAY_AUTH_MODE=token` / `RAY_AUTH_TOKEN` as every client; `GLOO_SOCKET_IFNAME=rcd0` makes
+torch.distributed use the shaped link rather than loopback. Teardown kills only the processes
+inside the cluster's own namespaces and deletes only its own namespaces; a cluster whose owner
+process is gone (a crashed earlier run) is cleared by the next `EmulatedCluster.start()` or by
+`python -m ray_codistill.emulated down`.
+
+    python -m ray_codistill.emulated up --workers 2 --rate-mbit 100    # until Ctrl-C
+    python -m ray_codistill.emulated down                               # clear leftovers
+
+Needs root (namespaces, veth, tc) and iproute2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "rcd"
+MAX_SLOTS = 8
+IFNAME = "rcd0"  # the node end of every veth: one GLOO_SOCKET_IFNAME for all nodes
+STATE_DIR = Path("/tmp/rcd-emulated")  # slot<k>.json: owner pid and what to clean
+LABEL = "emulated-node"
+GCS_PORT = 6379  # every node has its own network stack, so the default ports never clash
+
+
+class EmulatedClusterError(RuntimeError):
+    pass
+
+
+def available() -> tuple[bool, str]:
+    """Whether this process can build an emulated cluster, and if not, why."""
+    if sys.platform != "linux":
+        return False, f"network namespaces need Linux (this is {sys.platform})"
+    if os.geteuid() != 0:
+        return False, "network namespaces, veth pairs and tc need root (this process is not root)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return False, f"`{tool}` (iproute2) is not installed"
+    probe = f"{PREFIX}-probe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return False, f"cannot create a network namespace: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return True, ""
+
+
+def _sh(*cmd: str, ns: str | None = None, check: bool = True, timeout: float = 30) -> str:
+    full = (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
+    out = subprocess.run(full, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise EmulatedClusterError(f"{' '.join(full)} failed: {out.stderr.strip() or out.stdout.strip()}")
+    return out.stdout
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _namespaces() -> list[str]:
+    out = _sh("ip", "netns", "list", check=False)
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _kill_namespace_processes(ns: str, sig: int = signal.SIGKILL) -> int:
+    """Signal every process whose network namespace is `ns` (all of them belong to this cluster)."""
+    pids = [int(p) for p in _sh("ip", "netns", "pids", ns, check=False).split() if p.isdigit()]
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+def _wait_namespace_empty(ns: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _sh("ip", "netns", "pids", ns, check=False).split():
+            return
+        _kill_namespace_processes(ns)
+        time.sleep(0.2)
+
+
+def _slot_namespaces(slot: int) -> list[str]:
+    return [ns for ns in _namespaces() if re.fullmatch(rf"{PREFIX}{slot}-(br|n\d+)", ns)]
+
+
+def _clear_slot(slot: int) -> None:
+    """Kill what runs in a slot's namespaces, delete them and its temp dirs."""
+    namespaces = _slot_namespaces(slot)
+    for ns in namespaces:  # nodes first: the bridge namespace runs nothing
+        _kill_namespace_processes(ns)
+    for ns in namespaces:
+        _wait_namespace_empty(ns)
+        _sh("ip", "netns", "del", ns, check=False)
+    for path in Path("/tmp").glob(f"{PREFIX}{slot}n*"):  # the nodes' temp dirs and their logs
+        if not re.fullmatch(rf"{PREFIX}{slot}n\d+(\.log)?", path.name):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    (STATE_DIR / f"slot{slot}.json").unlink(missing_ok=True)
+
+
+def _slot_owner(slot: int) -> int | None:
+    path = STATE_DIR / f"slot{slot}.json"
+    try:
+        return int(json.loads(path.read_text())["owner"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def clear_leftovers() -> list[int]:
+    """Clear every slot whose owner process is gone (a crashed run); returns the slots cleared."""
+    cleared = []
+    for slot in range(MAX_SLOTS):
+        owner = _slot_owner(slot)
+        if (_slot_namespaces(slot) or owner is not None) and (owner is None or not _pid_alive(owner)):
+            _clear_slot(slot)
+            cleared.append(slot)
+    return cleared
+
+
+def _claim_slot() -> int:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    for slot in range(MAX_SLOTS):
+        path = STATE_DIR / f"slot{slot}.json"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: two runs never share a slot
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"owner": os.getpid()}, f)
+        return slot
+    raise EmulatedClusterError(f"all {MAX_SLOTS} emulated-cluster slots are in use ({STATE_DIR})")
+
+
+def _burst_bytes(rate_mbit: float) -> int:
+    # tbf needs at least rate / HZ per tick plus a packet; 10 ms of traffic, not less than 64 KiB
+    return max(64 * 1024, int(rate_mbit * 1e6 / 8 * 0.01))
+
+
+@dataclass
+class Node:
+    index: int
+    ns: str
+    ip: str
+    num_cpus: float
+    temp_dir: str
+    labels: dict = field(default_factory=dict)
+    resources: dict = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    up: bool = False  # started and not killed on purpose
+    starts: int = 0  # `ray start` launches since the last kill
+
+    @property
+    def name(self) -> str:
+        return f"n{self.index}"
+
+
+class EmulatedCluster:
+    """A head and `workers` worker nodes, each in its own namespace, every link shaped to `rate_mbit`.
+
+    Use as a context manager, or `start()` / `stop()`. `env` is what a client needs (token auth);
+    `run_in(node, cmd)` runs a command inside a node's namespace with it, as a user on that
+    machine would (a driver must run in a node's namespace: the host's has no route to the nodes).
+    """
+
+    def __init__(self, workers: int = 2, rate_mbit: float = 100.0, head_cpus: float = 1.0,
+                 worker_cpus: float = 1.0, object_store_mb: int = 300, resources: dict | None = None,
+                 extra_env: dict | None = None):
+        if not 0 <= workers <= 250:
+            raise ValueError(f"workers: got {workers}, must be in [0, 250]")
+        if rate_mbit <= 0:
+            raise ValueError(f"rate_mbit: got {rate_mbit}, must be > 0")
+        self.workers, self.rate_mbit = workers, rate_mbit
+        self.head_cpus, self.worker_cpus, self.object_store_mb = head_cpus, worker_cpus, object_store_mb
+        self.resources = resources or {}  # node index -> {custom resource: amount}
+        self.extra_env = extra_env or {}
+        self.slot: int | None = None
+        self.nodes: list[Node] = []
+        self.token = secrets.token_hex(32)
+        self.measured_mbit: float | None = None  # set by measure_rate(): what a TCP transfer carried
+
+    # -- names -------------------------------------------------------------------------------------
+    @property
+    def bridge_ns(self) -> str:
+        return f"{PREFIX}{self.slot}-br"
+
+    @property
+    def head(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def address(self) -> str:
+        return f"{self.head.ip}:{GCS_PORT}"
+
+    @property
+    def env(self) -> dict:
+        """The environment of every node and client: this interpreter's venv first on PATH (Ray
+        starts workers with the `python` it finds), token auth, gloo on the shaped link."""
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
+        env.update({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "GLOO_SOCKET_IFNAME": IFNAME,
+                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **self.extra_env})
+        return env
+
+    # -- bring-up ----------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 180) -> "EmulatedCluster":
+        ok, why = available()
+        if not ok:
+            raise EmulatedClusterError(why)
+        clear_leftovers()
+        self.slot = _claim_slot()
+        try:
+            self._network()
+            self.nodes = [self._node(i) for i in range(self.workers + 1)]
+            self._start_node(self.head)
+            self.wait_for_nodes(1, timeout_s)
+            for node in self.nodes[1:]:
+                self._start_node(node)
+            self.wait_for_nodes(len(self.nodes), timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _node(self, i: int) -> Node:
+        return Node(index=i, ns=f"{PREFIX}{self.slot}-n{i}", ip=f"198.18.{self.slot}.{i + 1}",
+                    num_cpus=self.head_cpus if i == 0 else self.worker_cpus,
+                    temp_dir=f"/tmp/{PREFIX}{self.slot}n{i}",  # short: Ray's socket paths have a length limit
+                    labels={LABEL: f"n{i}"}, resources=dict(self.resources.get(i, {})))
+
+    def _network(self) -> None:
+        br = self.bridge_ns
+        _sh("ip", "netns", "add", br)
+        _sh("ip", "link", "set", "lo", "up", ns=br)
+        _sh("ip", "link", "add", "br0", "type", "bridge", ns=br)
+        _sh("ip", "link", "set", "br0", "up", ns=br)
+        burst = _burst_bytes(self.rate_mbit)
+        for i in range(self.workers + 1):
+            ns = f"{PREFIX}{self.slot}-n{i}"
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "link", "set", "lo", "up", ns=ns)
+            # made in the bridge namespace, the node end moved into the node's: nothing in the host's
+            _sh("ip", "link", "add", f"v{i}", "type", "veth", "peer", "name", IFNAME, "netns", ns, ns=br)
+            _sh("ip", "link", "set", f"v{i}", "master", "br0", ns=br)
+            _sh("ip", "link", "set", f"v{i}", "up", ns=br)
+            _sh("ip", "addr", "add", f"198.18.{self.slot}.{i + 1}/24", "dev", IFNAME, ns=ns)
+            _sh("ip", "link", "set", IFNAME, "up", ns=ns)
+            for dev, where in ((IFNAME, ns), (f"v{i}", br)):  # tbf shapes egress: both ends
+                _sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{self.rate_mbit}mbit",
+                    "burst", str(burst), "latency", "50ms", ns=where)
+
+    def _start_node(self, node: Node) -> None:
+        ray = str(Path(sys.executable).with_name("ray"))
+        cmd = [ray, "start", "--block", f"--node-ip-address={node.ip}", f"--num-cpus={node.num_cpus:g}",
+               f"--temp-dir={node.temp_dir}", f"--object-store-memory={self.object_store_mb * 2**20}",
+               "--labels=" + ",".join(f"{k}={v}" for k, v in node.labels.items()), "--disable-usage-stats"]
+        if node.resources:
+            cmd.append("--resources=" + json.dumps(node.resources))
+        if node.index == 0:
+            cmd += ["--head", f"--port={GCS_PORT}", "--include-dashboard=false"]
+        else:
+            cmd.append(f"--address={self.address}")
+        node.up, node.starts = True, node.starts + 1
+        log = open(f"{node.temp_dir}.log", "ab")
+        node.proc = subprocess.Popen(["ip", "netns", "exec", node.ns, *cmd], env=self.env, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    # -- using it ----------------------------------------------------------------------------------
+    def run_in(self, node: int, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+        """Run `cmd` in node `node`'s namespace with the cluster's client environment."""
+        kwargs.setdefault("env", self.env)
+        return subprocess.run(["ip", "netns", "exec", self.nodes[node].ns, *cmd], **kwargs)
+
+    def popen_in(self, node: int, cmd: list[str], **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("env", self.env)
+        return subprocess.Popen(["ip", "netns", "exec", self.nodes[node].ns, *cmd], **kwargs)
+
+    def python_in(self, node: int, code: str, timeout_s: float = 120) -> str:
+        out = self.run_in(node, [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s)
+        if out.returncode != 0:
+            raise EmulatedClusterError(f"python in {self.nodes[node].ns} failed: {out.stderr.strip()[-2000:]}")
+        return out.stdout
+
+    def _nodes_code(self, count: int | None, timeout_s: float) -> str:
+        # one process polls in a loop: an interpreter that imports Ray costs seconds of CPU
+        return (f"import json, time, ray; ray.init(address={self.address!r}, logging_level='ERROR', "
+                "log_to_driver=False, configure_logging=False)\n"
+                f"deadline = time.monotonic() + {timeout_s}\n"
+                "while True:\n"
+                "    alive = [{'node_id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'labels': n.get('Labels', {}), "
+                "'resources': n['Resources']} for n in ray.nodes() if n['Alive']]\n"
+                f"    if {count!r} is None or len(alive) == {count!r} or time.monotonic() > deadline:\n"
+                "        break\n"
+                "    time.sleep(0.5)\n"
+                "print('RCDNODES', json.dumps(alive))\n")
+
+    def ray_nodes(self, count: int | None = None, timeout_s: float = 0) -> list[dict]:
+        """Alive Ray nodes as the head sees them: `{node_id, ip, labels, resources}` (with `count`:
+        once that many are alive, or after `timeout_s`)."""
+        out = self.python_in(0, self._nodes_code(count, timeout_s), timeout_s=timeout_s + 120)
+        line, = [ln for ln in out.splitlines() if ln.startswith("RCDNODES ")]  # Ray may print on stdout too
+        return json.loads(line[len("RCDNODES "):])
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 180) -> list[dict]:
+        """Wait until exactly `count` nodes are alive (a dead node leaves the list within Ray's
+        health-check period, about 15 s). A worker node's `ray start` that exits on its own (a port
+        still held by its predecessor, say) is started again, twice at most."""
+        deadline = time.monotonic() + timeout_s
+        last: list = []
+        error = ""
+        while time.monotonic() < deadline:
+            head = self.head.proc
+            if head is not None and head.poll() is not None:
+                raise EmulatedClusterError(f"the head's `ray start` exited ({head.returncode}): "
+                                           f"{self._log_tail(self.head)}")
+            for node in self.nodes[1:]:
+                if node.up and node.proc is not None and node.proc.poll() is not None:
+                    if node.starts >= 3:
+                        raise EmulatedClusterError(f"{node.name}'s `ray start` exited {node.starts} times: "
+                                                   f"{self._log_tail(node)}")
+                    self._start_node(node)
+            try:
+                last = self.ray_nodes(count, max(1.0, min(15.0, deadline - time.monotonic())))
+            except (EmulatedClusterError, subprocess.TimeoutExpired, ValueError) as err:
+                last, error = [], str(err)[-500:]  # the head is not up yet, or Ray is slow to answer
+                time.sleep(1)
+            if len(last) == count:
+                return last
+        raise EmulatedClusterError(f"{count} alive node(s) expected within {timeout_s:.0f}s, saw "
+                                   f"{[n['ip'] for n in last]}; last error: {error or 'none'}")
+
+    @staticmethod
+    def _log_tail(node: Node, chars: int = 1500) -> str:
+        try:
+            return Path(f"{node.temp_dir}.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def node_ids(self) -> dict[str, str]:
+        """Ray node id -> emulated node name (`n0` is the head)."""
+        return {n["node_id"]: n["labels"].get(LABEL, "?") for n in self.ray_nodes()}
+
+    def kill_node(self, index: int) -> None:
+        """A whole machine lost: SIGKILL every process of node `index` (its namespace holds only them)."""
+        if index == 0:
+            raise ValueError("the head runs the driver; kill a worker node")
+        node = self.nodes[index]
+        node.up, node.starts = False, 0
+        _kill_namespace_processes(node.ns)
+        _wait_namespace_empty(node.ns)
+        if node.proc is not None:
+            node.proc.wait(timeout=30)
+
+    def restart_node(self, index: int) -> None:
+        """Start node `index` again (a fresh temp dir: a new Ray node on the same address)."""
+        node = self.nodes[index]
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
+        self._start_node(node)
+
+    def link_bytes(self, index: int) -> dict:
+        """Bytes sent so far by the shaped qdiscs of node `index`'s link: `out` (node egress) and
+        `in` (the bridge end's egress, i.e. towards the node)."""
+        def sent(dev: str, ns: str) -> int:
+            text = _sh("tc", "-s", "qdisc", "show", "dev", dev, ns=ns)
+            match = re.search(r"tbf.*?Sent (\d+) bytes", text, re.S)
+            return int(match.group(1)) if match else 0
+        return {"out": sent(IFNAME, self.nodes[index].ns), "in": sent(f"v{index}", self.bridge_ns)}
+
+    def measure_rate(self, src: int = 1, dst: int = 0, seconds: float = 2.0) -> float:
+        """Mbit/s of a plain TCP transfer from node `src` to node `dst` (through both shaped links)."""
+        port = 5201
+        nbytes = int(self.rate_mbit * 1e6 / 8 * seconds)
+        server = self.popen_in(dst, [sys.executable, "-c", _RECEIVER, self.nodes[dst].ip, str(port), str(nbytes)],
+                               stdout=subprocess.PIPE, text=True)
+        try:
+            self.run_in(src, [sys.executable, "-c", _SENDER, self.nodes[dst].ip, str(port), str(nbytes)],
+                        check=True, timeout=seconds * 20 + 30)
+            out, _ = server.communicate(timeout=seconds * 20 + 30)
+        finally:
+            if server.poll() is None:
+                server.kill()
+        self.measured_mbit = float(out.strip())
+        return self.measured_mbit
+
+    # -- teardown ----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        if self.slot is None:
+            return
+        for node in reversed(self.nodes):  # workers first, then the head
+            if node.proc is not None and node.proc.poll() is None:
+                try:
+                    os.killpg(node.proc.pid, signal.SIGTERM)  # --block takes its Ray processes down
+                    node.proc.wait(timeout=5)  # then SIGKILL: the namespaces go anyway
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+        _clear_slot(self.slot)  # whatever is left in the namespaces, the namespaces, the temp dirs
+        for node in self.nodes:
+            Path(f"{node.temp_dir}.log").unlink(missing_ok=True)
+        self.slot = None
+
+    def __enter__(self) -> "EmulatedCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def describe(self) -> str:
+        lines = [f"emulated Ray cluster (slot {self.slot}): head {self.address}, links shaped to "
+                 f"{self.rate_mbit:g} Mbit/s each way (tbf at both ends)"
+                 + (f", measured {self.measured_mbit:.1f} Mbit/s" if self.measured_mbit else "")]
+        for n in self.nodes:
+            lines.append(f"  {n.name}: namespace {n.ns}, ip {n.ip}, {n.num_cpus:g} CPU, labels {n.labels}"
+                         + (f", resources {n.resources}" if n.resources else ""))
+        return "\n".join(lines)
+
+
+_RECEIVER = """
+import socket, sys, time
+ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); srv.bind((ip, port)); srv.listen(1)
+srv.settimeout(60)
+conn, _ = srv.accept(); got = 0; start = None
+while got < n:
+    chunk = conn.recv(1 << 20)
+    if not chunk:
+        break
+    if start is None:
+        start = time.perf_counter()
+    got += len(chunk)
+print(got * 8 / (time.perf_counter() - start) / 1e6)
+"""
+
+_SENDER = """
+import socket, sys, time
+ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for attempt in range(100):
+    try:
+        s = socket.create_connection((ip, port), timeout=60); break
+    except OSError:
+        time.sleep(0.1)
+buf = b"\\0" * (1 << 20); sent = 0
+while sent < n:
+    sent += s.send(buf[: min(len(buf), n - sent)])
+s.close()
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ray_codistill.emulated", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="bring a cluster up, print how to use it, keep it until Ctrl-C")
+    up.add_argument("--workers", type=int, default=2)
+    up.add_argument("--rate-mbit", type=float, default=100.0)
+    up.add_argument("--head-cpus", type=float, default=1.0)
+    up.add_argument("--worker-cpus", type=float, default=1.0)
+    sub.add_parser("down", help="clear what crashed earlier runs left (namespaces, processes, temp dirs)")
+    args = ap.parse_args(argv)
+    if args.command == "down":
+        print(f"cleared slot(s): {clear_leftovers() or 'none'}")
+        return 0
+    cluster = EmulatedCluster(args.workers, args.rate_mbit, args.head_cpus, args.worker_cpus)
+    with cluster:
+        print(cluster.describe())
+        print(f"measured n1 -> n0: {cluster.measure_rate(1, 0):.1f} Mbit/s" if args.workers else "")
+        print(f"a driver: ip netns exec {cluster.head.ns} env RAY_AUTH_MODE=token RAY_AUTH_TOKEN={cluster.token} "
+              f"GLOO_SOCKET_IFNAME={IFNAME} ray-codistill run configs/smoke.yaml --address {cluster.address}")
+        print("Ctrl-C tears it down", flush=True)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
