@@ -93,7 +93,10 @@ def test_client_finds_the_broker_by_name_and_survives_its_loss(broker):
     client = BrokerClient(name, replica=0, timeout_s=0.5, token=TOKEN)
     # a live broker answers (given time: a loaded machine can take longer than a fetch may wait)
     assert client.call("replicas_up", timeout_s=60) == 0
-    ray.kill(b)
+    ray.kill(b)  # asynchronous: a call sent at once may still be served; wait until it is gone
+    with pytest.raises(ray.exceptions.RayActorError):
+        for _ in range(600):
+            ray.get(b.ping.remote(), timeout=60)
     assert client.resolve(client.fetch_async(np.arange(3))) is None  # a miss, not a crash
     assert client.errors >= 1
 
