@@ -140,23 +140,31 @@ def _drive(cluster, tmp_path, name: str, *sets: str) -> subprocess.Popen:
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_codistill_replicas_run_on_their_nodes_and_exchange_over_the_links(cluster, tmp_path):
-    _all_nodes_up(cluster)
-    ids = {name: nid for nid, name in cluster.node_ids().items()}
-    before = {i: cluster.link_bytes(i) for i in (1, 2)}
-    driver = _drive(cluster, tmp_path, "emu-codistill", f"steps={ENDLESS}")
-    watcher = Watcher(cluster, "emu-codistill")
+def _run_until_stopped(cluster, tmp_path, name: str, sets: list[str], ready, what: str) -> tuple[dict, int, str]:
+    """Drive a run from the head, wait until `stats` shows `ready`, stop it; returns the stats
+    seen then, the driver's exit status and its output."""
+    driver = _drive(cluster, tmp_path, name, *sets)
+    watcher = Watcher(cluster, name)
     try:
-        live = watcher.wait(lambda d: all(s["workers"] and s["hits"] > 0 and s["step"] >= 300
-                                          for s in d["replicas"].values()),
-                            "both replicas placed, 300 steps each, teachers served to both")
-        _stop(cluster, "emu-codistill")
+        live = watcher.wait(ready, what)
+        _stop(cluster, name)
         out, _ = driver.communicate(timeout=600)
     finally:
         watcher.stop()
         if driver.poll() is None:
             driver.kill()
-    assert driver.returncode == 0, out[-3000:]
+    return live, driver.returncode, out
+
+
+def test_codistill_replicas_run_on_their_nodes_and_exchange_over_the_links(cluster, tmp_path):
+    _all_nodes_up(cluster)
+    ids = {name: nid for nid, name in cluster.node_ids().items()}
+    before = {i: cluster.link_bytes(i) for i in (1, 2)}
+    live, code, out = _run_until_stopped(
+        cluster, tmp_path, "emu-codistill", [f"steps={ENDLESS}"],
+        lambda d: all(s["workers"] and s["hits"] > 0 and s["step"] >= 300 for s in d["replicas"].values()),
+        "both replicas placed, 300 steps each, teachers served to both")
+    assert code == 0, out[-3000:]
     after = {i: cluster.link_bytes(i) for i in (1, 2)}
 
     # each replica on its own node (node ids from `stats`), the broker on the head
@@ -179,18 +187,11 @@ def test_allreduce_workers_one_per_node_allreduce_over_the_links(cluster, tmp_pa
     _all_nodes_up(cluster)
     ids = {name: nid for nid, name in cluster.node_ids().items()}
     before = {i: cluster.link_bytes(i) for i in (1, 2)}
-    driver = _drive(cluster, tmp_path, "emu-allreduce", "method=allreduce", f"steps={ENDLESS}")
-    watcher = Watcher(cluster, "emu-allreduce")
-    try:
-        live = watcher.wait(lambda d: len(d["replicas"]["0"]["workers"]) == 2 and d["replicas"]["0"]["step"] >= 200,
-                            "both all-reduce workers, 200 steps")
-        _stop(cluster, "emu-allreduce")
-        out, _ = driver.communicate(timeout=600)
-    finally:
-        watcher.stop()
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 0, out[-3000:]
+    live, code, out = _run_until_stopped(
+        cluster, tmp_path, "emu-allreduce", ["method=allreduce", f"steps={ENDLESS}"],
+        lambda d: len(d["replicas"]["0"]["workers"]) == 2 and d["replicas"]["0"]["step"] >= 200,
+        "both all-reduce workers, 200 steps")
+    assert code == 0, out[-3000:]
     after = {i: cluster.link_bytes(i) for i in (1, 2)}
 
     workers = live["replicas"]["0"]["workers"]

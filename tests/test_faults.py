@@ -32,10 +32,6 @@ def _config(tmp_path, name: str):
                        name=name, storage_path=str(tmp_path))
 
 
-def _assert_no_gaps(metrics: pd.DataFrame, summary: dict, cfg) -> None:
-    assert_every_row_once(metrics, summary, cfg.log_every, cfg.eval_every)
-
-
 def _restart_step(stats: dict, replica: int) -> int | None:
     steps = [e["step"] for e in stats["events"] if e["event"] == "restarted" and e["replica"] == replica]
     return steps[-1] if steps else None
@@ -66,7 +62,7 @@ def test_killed_worker_restarts_its_replica_alone_from_its_checkpoint(ray_cluste
     # back from the newest checkpoint registered before the kill (or a newer one), not from scratch
     assert restart["step"] % cfg.checkpoint_every == 0 and restart["step"] >= max(registered) > 0
     assert back["replicas"]["1"]["restarts"] == 1
-    _assert_no_gaps(metrics, summary, cfg)
+    assert_every_row_once(metrics, summary, cfg.log_every, cfg.eval_every)
     # replica 0 kept training while replica 1 was down
     r0 = metrics[metrics["replica"] == 0]
     assert len(r0[(r0["timestamp"] > killed_at) & (r0["timestamp"] < restart["time"])]) > 0
@@ -92,7 +88,7 @@ def test_killed_broker_is_restarted_and_training_finishes(ray_cluster, tmp_path)
 
     assert summary["status"] == "stopped" and summary["restarts"] == {"0": 0, "1": 0}
     assert [e["event"] for e in summary["events"]].count("broker_reloaded") == 1
-    _assert_no_gaps(metrics, summary, cfg)  # rows sent while it was down were retried
+    assert_every_row_once(metrics, summary, cfg.log_every, cfg.eval_every)  # rows sent while it was down were retried
     # the divergence history recorded before the kill survived it
     assert set(range(250, before["divergence"]["step"] + 1, 250)) <= set(divergence["step"])
     assert misses(after) > misses(before)
@@ -139,7 +135,7 @@ def test_resume_continues_an_experiment_whose_driver_died(ray_cluster, tmp_path)
     for e in summary["events"]:
         if e["event"] == "restarted":  # from a checkpoint, not from scratch
             assert e["step"] > 0 and e["step"] % cfg.checkpoint_every == 0
-    _assert_no_gaps(pd.read_parquet(folder / "metrics.parquet"), summary, cfg)
+    assert_every_row_once(pd.read_parquet(folder / "metrics.parquet"), summary, cfg.log_every, cfg.eval_every)
 
     again = subprocess.run([*cli, "run", "--resume", "fault-driver", "--storage", str(tmp_path)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
