@@ -193,6 +193,10 @@ class ExperimentConfig:
     # then the replica fails and the run ends with the others' results. null: Ray Train's default
     # (tries again every 60 s, for ever)
     node_wait_s: float | None = None
+    # seconds of training each worker group may take (a wall-clock budget, from its first step):
+    # a replica past it stops at its next metric row and ends as at `steps` (evaluates, checkpoints,
+    # reports; summary "budget_reached"). null: no budget, `steps` alone ends the run
+    time_budget_s: float | None = None
     storage_path: str = "results"  # experiment folders go here (a shared path on multi-node clusters)
     eval_batch_size: int = 1000
     data: DataConfig = field(default_factory=DataConfig)
@@ -220,6 +224,8 @@ class ExperimentConfig:
         _check(bool(self.storage_path), "storage_path", "must not be empty")
         _check(self.node_wait_s is None or self.node_wait_s > 0, "node_wait_s",
                f"got {self.node_wait_s}, must be > 0 or null (wait for ever)")
+        _check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
+               f"got {self.time_budget_s}, must be > 0 or null (no budget)")
         pl = self.placement
         for key, entries in (("placement.replica_labels", pl.replica_labels),
                              ("placement.replica_resources", pl.replica_resources)):

@@ -47,7 +47,8 @@ MAX_SLOTS = 8
 IFNAME = "rcd0"  # the node end of every veth: one GLOO_SOCKET_IFNAME for all nodes
 STATE_DIR = Path("/tmp/rcd-emulated")  # slot<k>.json: owner pid and what to clean
 LABEL = "emulated-node"
-GCS_PORT = 6379  # every node has its own network stack, so the default ports never clash
+GCS_PORT = 6379
+UNSHAPED_SIZING_MBIT = 4000  # measure_rate on an unshaped link sends what 4 Gbit/s would carry  # every node has its own network stack, so the default ports never clash
 
 
 class EmulatedClusterError(RuntimeError):
@@ -200,13 +201,13 @@ class EmulatedCluster:
     machine would (a driver must run in a node's namespace: the host's has no route to the nodes).
     """
 
-    def __init__(self, workers: int = 2, rate_mbit: float = 100.0, head_cpus: float = 1.0,
+    def __init__(self, workers: int = 2, rate_mbit: float | None = 100.0, head_cpus: float = 1.0,
                  worker_cpus: float = 1.0, object_store_mb: int = 300, resources: dict | None = None,
                  extra_env: dict | None = None):
         if not 0 <= workers <= 250:
             raise ValueError(f"workers: got {workers}, must be in [0, 250]")
-        if rate_mbit <= 0:
-            raise ValueError(f"rate_mbit: got {rate_mbit}, must be > 0")
+        if rate_mbit is not None and rate_mbit <= 0:
+            raise ValueError(f"rate_mbit: got {rate_mbit}, must be > 0 (None: unshaped)")
         self.workers, self.rate_mbit = workers, rate_mbit
         self.head_cpus, self.worker_cpus, self.object_store_mb = head_cpus, worker_cpus, object_store_mb
         self.resources = resources or {}  # node index -> {custom resource: amount}
@@ -271,7 +272,6 @@ class EmulatedCluster:
         _sh("ip", "link", "set", "lo", "up", ns=br)
         _sh("ip", "link", "add", "br0", "type", "bridge", ns=br)
         _sh("ip", "link", "set", "br0", "up", ns=br)
-        burst = _burst_bytes(self.rate_mbit)
         for i in range(self.workers + 1):
             ns = f"{PREFIX}{self.slot}-n{i}"
             _sh("ip", "netns", "add", ns)
@@ -282,9 +282,26 @@ class EmulatedCluster:
             _sh("ip", "link", "set", f"v{i}", "up", ns=br)
             _sh("ip", "addr", "add", f"198.18.{self.slot}.{i + 1}/24", "dev", IFNAME, ns=ns)
             _sh("ip", "link", "set", IFNAME, "up", ns=ns)
-            for dev, where in ((IFNAME, ns), (f"v{i}", br)):  # tbf shapes egress: both ends
-                _sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{self.rate_mbit}mbit",
-                    "burst", str(burst), "latency", "50ms", ns=where)
+        self.set_rate(self.rate_mbit)
+
+    def _link_ends(self):
+        """(device, namespace) of both ends of every node's link: tbf shapes egress, so both."""
+        for i in range(self.workers + 1):
+            yield IFNAME, f"{PREFIX}{self.slot}-n{i}"
+            yield f"v{i}", self.bridge_ns
+
+    def set_rate(self, rate_mbit: float | None) -> None:
+        """Shape every link to `rate_mbit` each way (tbf at both ends), or None: unshaped (no
+        qdisc: the veth's own speed, gigabits per second here). Works while the cluster runs."""
+        if rate_mbit is not None and rate_mbit <= 0:
+            raise ValueError(f"rate_mbit: got {rate_mbit}, must be > 0 (None: unshaped)")
+        for dev, ns in self._link_ends():
+            if rate_mbit is None:
+                _sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)  # none there: fine
+            else:
+                _sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
+                    "burst", str(_burst_bytes(rate_mbit)), "latency", "50ms", ns=ns)
+        self.rate_mbit, self.measured_mbit = rate_mbit, None
 
     def _start_node(self, node: Node) -> None:
         ray = str(Path(sys.executable).with_name("ray"))
@@ -396,18 +413,23 @@ class EmulatedCluster:
         self._start_node(node)
 
     def link_bytes(self, index: int) -> dict:
-        """Bytes sent so far by the shaped qdiscs of node `index`'s link: `out` (node egress) and
-        `in` (the bridge end's egress, i.e. towards the node)."""
+        """Bytes sent so far through node `index`'s link: `out` (node egress) and `in` (the bridge
+        end's egress, i.e. towards the node). From the tbf qdiscs' counters (`tc -s`) when the
+        link is shaped, else from the devices' own (`ip -s link`); each counts from when its
+        qdisc or device was made, so take differences within one rate."""
         def sent(dev: str, ns: str) -> int:
             text = _sh("tc", "-s", "qdisc", "show", "dev", dev, ns=ns)
             match = re.search(r"tbf.*?Sent (\d+) bytes", text, re.S)
-            return int(match.group(1)) if match else 0
+            if match:
+                return int(match.group(1))
+            link, = json.loads(_sh("ip", "-j", "-s", "link", "show", "dev", dev, ns=ns))
+            return int(link["stats64"]["tx"]["bytes"])
         return {"out": sent(IFNAME, self.nodes[index].ns), "in": sent(f"v{index}", self.bridge_ns)}
 
     def measure_rate(self, src: int = 1, dst: int = 0, seconds: float = 2.0) -> float:
         """Mbit/s of a plain TCP transfer from node `src` to node `dst` (through both shaped links)."""
         port = 5201
-        nbytes = int(self.rate_mbit * 1e6 / 8 * seconds)
+        nbytes = int((self.rate_mbit or UNSHAPED_SIZING_MBIT) * 1e6 / 8 * seconds)
         server = self.popen_in(dst, [sys.executable, "-c", _RECEIVER, self.nodes[dst].ip, str(port), str(nbytes)],
                                stdout=subprocess.PIPE, text=True)
         try:
@@ -444,7 +466,7 @@ class EmulatedCluster:
 
     def describe(self) -> str:
         lines = [f"emulated Ray cluster (slot {self.slot}): head {self.address}, links shaped to "
-                 f"{self.rate_mbit:g} Mbit/s each way (tbf at both ends)"
+                 + (f"{self.rate_mbit:g} Mbit/s each way (tbf at both ends)" if self.rate_mbit else "nothing (unshaped)")
                  + (f", measured {self.measured_mbit:.1f} Mbit/s" if self.measured_mbit else "")]
         for n in self.nodes:
             lines.append(f"  {n.name}: namespace {n.ns}, ip {n.ip}, {n.num_cpus:g} CPU, labels {n.labels}"

@@ -263,8 +263,10 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
             say(f"results of the replicas that finished: test acc {_fmt_accs(summary)}; in {folder}")
         first = next(iter(errors.values()))
         raise RunError(f"{len(errors)} worker group(s) failed (replica(s) {sorted(errors)}): {first}") from first
-    ended = "finished" if summary["status"] == "finished" else "stopped on request at step(s) " + ", ".join(
-        f"r{r['replica']}={r['steps']}" for r in summary["replicas"])
+    at_steps = ", ".join(f"r{r['replica']}={r['steps']}" for r in summary["replicas"])
+    ended = ("stopped on request at step(s) " + at_steps if summary["status"] == "stopped" else
+             f"finished (time budget of {cfg.time_budget_s:g}s reached at step(s) {at_steps})"
+             if summary["budget_reached"] else "finished")
     say(f"{ended} in {wall:.0f}s: test acc {_fmt_accs(summary)}; results in {folder}")
     return ExperimentResult(folder, summary)
 
@@ -308,6 +310,8 @@ def _summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, error
         "replica_status": {str(r): "failed" if r in errors else "stopped" if final.get(r, {}).get("result", {}).get(
             "stopped") else "finished" for r in range(cfg.num_models)},
         "replicas": replicas,
+        # time_budget_s ended some replica before `steps` (each replica's "steps" says where)
+        "budget_reached": any(r.get("budget_reached", False) for r in replicas),
         "test_acc_mean": float(np.mean([r["test_acc"] for r in replicas])) if replicas else None,
         "ensemble_test_acc": ensemble,
         "prediction_churn": prediction_churn,  # share of test samples two replicas label differently

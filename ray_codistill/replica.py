@@ -295,24 +295,33 @@ def _wait_for_peers(client: BrokerClient, replicas: int, timeout_s: float) -> No
 
 
 class StopRequest:
-    """Whether a user asked the broker to stop the experiment (`ray-codistill stop`), asked at each
-    metric row and answered by the next one, so no step waits for it. Every rank of a worker group
-    must stop at the same step (DDP would hang otherwise): rank 0 asks, the group agrees."""
+    """Whether to stop before `steps`: a user asked the broker (`ray-codistill stop`), or the
+    worker group's time budget (`time_budget_s`) is spent. Asked at each metric row; the broker's
+    answer arrives by the next one, so no step waits for it. Every rank of a worker group must
+    stop at the same step (DDP would hang otherwise): rank 0 decides, the group agrees."""
 
-    def __init__(self, client: BrokerClient, rank: int, world: int, device: torch.device) -> None:
+    REASONS = (None, "budget", "request")  # codes 0-2: all-reduce MAX lets a request outrank the budget
+
+    def __init__(self, client: BrokerClient, rank: int, world: int, device: torch.device,
+                 budget_s: float | None = None) -> None:
         self.client, self.rank, self.world, self.device = client, rank, world, device
+        self.budget_s, self.started = budget_s, time.perf_counter()
         self.pending = None
 
-    def requested(self) -> bool:
-        asked = False
+    def reason(self) -> str | None:
+        """None (train on), "request" or "budget"."""
+        code = 0
         if self.rank == 0:
-            asked = self.pending is not None and self.client.resolve(self.pending) is True
+            if self.pending is not None and self.client.resolve(self.pending) is True:
+                code = 2
+            elif self.budget_s is not None and time.perf_counter() - self.started >= self.budget_s:
+                code = 1
             self.pending = self.client.call_async("stop_requested")
         if self.world > 1:
-            flag = torch.tensor([int(asked)], device=self.device)
+            flag = torch.tensor([code], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            asked = bool(flag.item())
-        return asked
+            code = int(flag.item())
+        return self.REASONS[code]
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -361,7 +370,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return {"loss": 0.0, "ce": 0.0, "distill": 0.0, "hits": 0, "ages": [], "seen": 0, "n": 0, "time": 0.0}
 
     win, started, last_val = new_window(), time.perf_counter(), None
-    stop, done = StopRequest(client, rank, world, device), start
+    stop, stopped, done = StopRequest(client, rank, world, device, cfg.time_budget_s), None, start
     model.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -419,7 +428,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     row["val/acc"], row["val/loss"] = last_val["acc"], last_val["loss"]
                 client.send("log", [row])
             win = new_window()
-            if done < cfg.steps and stop.requested():
+            stopped = stop.reason() if done < cfg.steps else None
+            if stopped is not None:
                 last_val = last_val if is_eval else None
                 break
         if probe is not None and (done % cc.probe_every == 0 or done == cfg.steps):
@@ -431,7 +441,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         exchange.flush()
 
     # -- final figures: validation for selection, test for the record ------------------------------
-    result = {"replica": replica, "steps": done, **({"stopped": True} if done < cfg.steps else {})}
+    result = {"replica": replica, "steps": done, **({"stopped": True} if stopped == "request" else {}),
+              **({"budget_reached": True} if stopped == "budget" else {})}
     if rank == 0:
         fresh = last_val is not None and start < done
         val = last_val if fresh else evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)

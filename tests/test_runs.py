@@ -7,6 +7,7 @@ test reads what it wrote, as a user would.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -162,8 +163,16 @@ def test_codistillation_pulls_replicas_together(comparison):
 
 
 @pytest.mark.slow
-def test_codistillation_lowers_final_disagreement_on_mnist1d(ray_cluster, tmp_path):
-    """Long enough to show top-1 disagreement: MNIST-1D, 3,000 steps, 400 probe samples."""
+def test_codistillation_pulls_mnist1d_replicas_together(ray_cluster, tmp_path):
+    """The pull at the scale of the study: MNIST-1D, 3,000 steps, 400 probe samples. The
+    continuous measures separate widely in every run seen (symmetric KL 0.18-0.45 against
+    0.88-1.27, L2 10-21 against 37-52, over 9 runs of seeds 0-4, loaded and idle), so they are
+    asserted with a margin. Top-1 disagreement is not asserted here: its gap (about 2 points, 10.0
+    +- 1.0 % against 12.2 +- 0.6 % over 3 seeds of the full run in docs/results-mnist1d.md) is
+    within the spread of one run (codistill ranged 0.05-0.12 over runs of one seed, since the
+    teachers' staleness follows the machine's timing), so a one-seed test of it fails now and then;
+    it was seen failing in CI, 0.120 against 0.115. It is a multi-seed result, reported by
+    `make compare`."""
     cfg = load_config(CONFIGS / "mnist1d.yaml", ["steps=3000", "eval_every=1000", "codistill.probe_every=500",
                                                  "codistill.alpha=1.0",
                                                  "cpus_per_worker=0.5"], storage_path=str(tmp_path))
@@ -172,8 +181,24 @@ def test_codistillation_lowers_final_disagreement_on_mnist1d(ray_cluster, tmp_pa
         summary = launcher.run(cfg.replace(method=method, name=f"div-{method}")).summary
         final[method] = summary["final_divergence"]["pairs"][0]
     print("final probe divergence:", final)
-    assert final["codistill"]["disagreement"] < final["independent"]["disagreement"]
-    assert final["codistill"]["sym_kl"] < final["independent"]["sym_kl"]
+    assert final["codistill"]["sym_kl"] < 0.7 * final["independent"]["sym_kl"]
+    assert final["codistill"]["l2"] < 0.8 * final["independent"]["l2"]
+
+
+def test_a_time_budget_ends_every_replica_as_its_last_step_would(ray_cluster, smoke_config):
+    """`time_budget_s`: each replica stops at its first metric row past the budget and ends as at
+    `steps` (final evaluation, checkpoint, report); the run counts as finished, not stopped."""
+    cfg = smoke_config.replace(steps=ENDLESS, time_budget_s=2.0, name="smoke-budget")
+    summary = launcher.run(cfg).summary
+    assert summary["status"] == "finished" and summary["budget_reached"]
+    assert summary["replica_status"] == {"0": "finished", "1": "finished"}
+    for rep in summary["replicas"]:
+        assert rep["budget_reached"] and "stopped" not in rep
+        assert 0 < rep["steps"] < ENDLESS and rep["steps"] % cfg.log_every == 0 and rep["test_acc"] > 0
+    metrics = pd.read_parquet(Path(cfg.storage_path) / cfg.name / "metrics.parquet")
+    last = metrics.groupby("replica").agg(step=("step", "max"), time_s=("time_s", "max"))
+    assert last["step"].to_dict() == {r["replica"]: r["steps"] for r in summary["replicas"]}
+    assert (last["time_s"] >= cfg.time_budget_s).all()  # none stopped before its budget was spent
 
 
 def test_allreduce_stops_on_request_with_every_rank_at_the_same_step(ray_cluster, smoke_config):
