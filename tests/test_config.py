@@ -98,6 +98,7 @@ INVALID = [  # (override, the key the error names, words of what is allowed)
     ("codistill.topk=0", "codistill.topk", ">= 1"),
     ("codistill.broker_shards=0", "codistill.broker_shards", ">= 1"),
     ("node_wait_s=0", "node_wait_s", "> 0 or null"),
+    ("time_budget_s=0", "time_budget_s", "> 0 or null"),
     ("placement.strategy=RANDOM", "placement.strategy", "PACK, SPREAD, STRICT_PACK, STRICT_SPREAD"),
     ("placement.replica_labels=[{node: a}]", "placement.replica_labels", "one per replica"),
     ("placement.replica_labels=[{node: ''}, {}]", "placement.replica_labels", "non-empty strings"),
