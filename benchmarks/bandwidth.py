@@ -63,7 +63,7 @@ MODELS = {
               "steps": 1500, "budget_s": 45.0, "target": 0.50},
 }
 QUICK = {"rates": [None, 10.0], "methods": ["codistill logits", "allreduce", "independent"],
-         "steps": {"cnn": 1000, "mlp1m": 300}, "budget_s": {"cnn": 10.0, "mlp1m": 10.0}}
+         "steps": {"cnn": 1000, "mlp1m": 300}, "budget_s": {"cnn": 8.0, "mlp1m": 8.0}}
 COMMON = {"replicas": 2, "workers_per_replica": 1, "cpus_per_worker": 1.0, "use_gpu": False,
           "eval_every": 100, "log_every": 50, "checkpoint_every": 0, "codistill.probe_every": 0,
           "codistill.burn_in": 200, "codistill.alpha": 0.5,
@@ -117,7 +117,9 @@ class Driver:
             raise RuntimeError(f"run {overrides.get('name')} failed: {answer['error']}; see {self.log.name}")
         return Path(answer["folder"])
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        if kill and self.proc.poll() is None:  # interrupted mid-run: the cluster goes down anyway
+            self.proc.kill()
         if self.proc.poll() is None:
             self.proc.stdin.close()
             try:
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     runs, measured = [], {}
     with EmulatedCluster(workers=2, rate_mbit=None, head_cpus=1, worker_cpus=1) as cluster:
         print(cluster.describe(), flush=True)
-        driver = Driver(cluster, out)
+        driver, ok = Driver(cluster, out), False
         try:
             for repeat in range(repeats):
                 for rate in rates:
@@ -299,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{seconds(row['to_target_s'])}, test {100 * row['test_acc']:.1f}%, "
                                   f"{fmt_bytes(row['link_bytes'])}/link",
                                   flush=True)
+            ok = True
         finally:
-            driver.close()
+            driver.close(kill=not ok)
     df = pd.DataFrame(runs)
     df.to_csv(out / "runs.csv", index=False)
     med = medians(df)

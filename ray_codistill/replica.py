@@ -295,33 +295,54 @@ def _wait_for_peers(client: BrokerClient, replicas: int, timeout_s: float) -> No
 
 
 class StopRequest:
-    """Whether to stop before `steps`: a user asked the broker (`ray-codistill stop`), or the
-    worker group's time budget (`time_budget_s`) is spent. Asked at each metric row; the broker's
-    answer arrives by the next one, so no step waits for it. Every rank of a worker group must
-    stop at the same step (DDP would hang otherwise): rank 0 decides, the group agrees."""
+    """Whether a user asked the broker to stop the experiment (`ray-codistill stop`), asked at each
+    metric row and answered by the next one, so no step waits for it. Every rank of a worker group
+    must stop at the same step (DDP would hang otherwise): rank 0 asks, the group agrees."""
 
-    REASONS = (None, "budget", "request")  # codes 0-2: all-reduce MAX lets a request outrank the budget
-
-    def __init__(self, client: BrokerClient, rank: int, world: int, device: torch.device,
-                 budget_s: float | None = None) -> None:
+    def __init__(self, client: BrokerClient, rank: int, world: int, device: torch.device) -> None:
         self.client, self.rank, self.world, self.device = client, rank, world, device
-        self.budget_s, self.started = budget_s, time.perf_counter()
         self.pending = None
 
-    def reason(self) -> str | None:
-        """None (train on), "request" or "budget"."""
-        code = 0
+    def requested(self) -> bool:
+        asked = False
         if self.rank == 0:
-            if self.pending is not None and self.client.resolve(self.pending) is True:
-                code = 2
-            elif self.budget_s is not None and time.perf_counter() - self.started >= self.budget_s:
-                code = 1
+            asked = self.pending is not None and self.client.resolve(self.pending) is True
             self.pending = self.client.call_async("stop_requested")
         if self.world > 1:
-            flag = torch.tensor([code], device=self.device)
+            flag = torch.tensor([int(asked)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            code = int(flag.item())
-        return self.REASONS[code]
+            asked = bool(flag.item())
+        return asked
+
+
+class Budget:
+    """`time_budget_s`: whether the worker group's wall-clock budget is spent, asked at every step
+    (a step of all-reduce over a slow link can take seconds: metric rows would be too coarse).
+    Rank 0's clock decides; in a group of several ranks its verdict travels in a one-element
+    all-reduce started at one step and read at the next, so every rank stops at the same step and
+    no step waits for the round trip."""
+
+    def __init__(self, budget_s: float, rank: int, world: int, device: torch.device) -> None:
+        self.budget_s, self.rank, self.world, self.device = budget_s, rank, world, device
+        self.started = time.perf_counter()
+        self.flag, self.work = None, None
+
+    def spent(self) -> bool:
+        mine = self.rank == 0 and time.perf_counter() - self.started >= self.budget_s
+        if self.world == 1:
+            return mine
+        if self.work is not None:
+            self.work.wait()
+            if self.flag.item():
+                self.work = None
+                return True
+        self.flag = torch.tensor([int(mine)], device=self.device)
+        self.work = torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        return False
+
+    def close(self) -> None:
+        if self.work is not None:  # every rank started it: let it complete before what follows
+            self.work.wait()
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -370,7 +391,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return {"loss": 0.0, "ce": 0.0, "distill": 0.0, "hits": 0, "ages": [], "seen": 0, "n": 0, "time": 0.0}
 
     win, started, last_val = new_window(), time.perf_counter(), None
-    stop, stopped, done = StopRequest(client, rank, world, device, cfg.time_budget_s), None, start
+    stop, stopped, done = StopRequest(client, rank, world, device), None, start
+    budget = Budget(cfg.time_budget_s, rank, world, device) if cfg.time_budget_s else None
     model.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -404,7 +426,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             win["ages"].append(np.asarray(teacher[2]))
 
         done = step + 1
-        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
+        out_of_time = budget is not None and done < cfg.steps and budget.spent()
+        is_eval = done % cfg.eval_every == 0 or done == cfg.steps or out_of_time
         if done % cfg.log_every == 0 or is_eval:
             if isinstance(exchange, WeightsTeacher):
                 exchange.flush()  # its teacher counters; logits go out only in whole chunks
@@ -428,7 +451,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     row["val/acc"], row["val/loss"] = last_val["acc"], last_val["loss"]
                 client.send("log", [row])
             win = new_window()
-            stopped = stop.reason() if done < cfg.steps else None
+            stopped = "budget" if out_of_time else "request" if done < cfg.steps and stop.requested() else None
             if stopped is not None:
                 last_val = last_val if is_eval else None
                 break
@@ -437,6 +460,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
             _save_checkpoint(done, model, optimizer, scheduler, {"step": done}, rank)
 
+    if budget is not None:
+        budget.close()
     if exchange is not None:
         exchange.flush()
 

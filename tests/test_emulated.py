@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ray_codistill.emulated import UNSHAPED_SIZING_MBIT
+
 from conftest import CONFIGS, ROOT
 from live import ENDLESS, assert_every_row_once, registered_checkpoints, wait_for
 
@@ -56,6 +58,24 @@ def cluster():
         yield c
     finally:
         c.stop()
+
+
+def test_links_are_reshaped_while_the_cluster_runs(cluster):
+    """`set_rate`: a new rate takes effect at once, None removes the shaping (and the byte counts
+    then come from the devices' own counters); the fixture's rate is restored after."""
+    try:
+        cluster.set_rate(20.0)
+        assert 0.8 * 20 < cluster.measure_rate(1, 0, seconds=1.0) < 1.05 * 20
+        cluster.set_rate(None)
+        before = cluster.link_bytes(1)
+        fast = cluster.measure_rate(1, 0, seconds=0.5)
+        after = cluster.link_bytes(1)
+        sent = int(UNSHAPED_SIZING_MBIT * 1e6 / 8 * 0.5)
+        print(f"\nunshaped n1 -> n0: {fast:,.0f} Mbit/s")
+        assert fast > 5 * RATE_MBIT and after["out"] - before["out"] >= sent
+    finally:
+        cluster.set_rate(RATE_MBIT)
+    assert 0.8 * RATE_MBIT < cluster.measure_rate(1, 0, seconds=1.0) < 1.05 * RATE_MBIT
 
 
 def _all_nodes_up(cluster) -> None:
