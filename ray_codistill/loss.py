@@ -5,9 +5,9 @@
 where the teacher comes from the peers' (possibly stale) predictions by `codistill.teacher_rule`:
 logits (the mean of the peers' logits, or one peer's) or, for ``mean_probs``, probabilities (the
 mean of the peers' softmaxes at the temperature, ``teacher_probs=True`` below); D is ``kl`` or
-``mse`` (logits only) and alpha(t) follows a burn-in and an optional linear ramp. Everything the training loop needs to turn
-logits, labels and a (masked) teacher into a scalar to backpropagate lives here, so it can be
-checked against hand computations without starting anything.
+``mse`` (logits only) and alpha(t) follows a burn-in and an optional linear ramp. Everything the
+training loop needs to turn logits, labels and a (masked) teacher into a scalar to backpropagate
+lives here, so it can be checked against hand computations without starting anything.
 """
 
 from __future__ import annotations

@@ -48,8 +48,9 @@ def _kill_replica_1(run: LiveRun, folder, also=lambda stats, before: True) -> di
     pid = before["replicas"]["1"]["workers"]["0"]["pid"]
     killed_at = time.time()
     os.kill(pid, signal.SIGKILL)
-    back = run.wait_until("replica 1 back and training, and what the test waits for", lambda s: _restart_step(s, 1) is not None and
-                          s["replicas"]["1"]["step"] > _restart_step(s, 1) + cfg.log_every and also(s, before))
+    back = run.wait_until("replica 1 back and training, and what the test waits for", lambda s: (
+        _restart_step(s, 1) is not None and s["replicas"]["1"]["step"] > _restart_step(s, 1) + cfg.log_every
+        and also(s, before)))
     run.stop()
     return {"registered": registered, "pid": pid, "killed_at": killed_at, "back": back, "result": run.result()}
 
