@@ -2,8 +2,9 @@
 
 The broker owns everything replicas share without ever waiting on each other:
 - `logits` exchange: the teacher store (`store.py`): per replica, the latest float16 logits (or
-  top-k) of every training sample and the step they came from; `fetch` answers with the mean over
-  peers, a mask and the age. With `broker_shards` > 1 the store lives in shard actors instead,
+  top-k) of every training sample and the step they came from; `fetch` answers with the teacher
+  of `codistill.teacher_rule` (the mean of the peers' logits or probabilities, or one drawn
+  peer's logits), a mask and the age. With `broker_shards` > 1 the store lives in shard actors instead,
   which workers call directly, and the broker only merges their counters;
 - `weights` exchange: per replica, the object reference of its latest CPU state dict;
 - exchange counters (publications, fetches, hits, misses, teacher age, bytes in and out, and
@@ -94,14 +95,16 @@ class Broker:
     def __init__(self, experiment: str, num_replicas: int, num_train: int, num_classes: int,
                  max_staleness: int | None = None, method: str = "codistill",
                  probe_labels: np.ndarray | None = None, token: str = "", folder: str | None = None,
-                 topk: int | None = None, shards: list | None = None) -> None:
+                 topk: int | None = None, shards: list | None = None, teacher_rule: str = "mean_logits",
+                 temperature: float = 1.0, seed: int = 0) -> None:
         self.experiment = experiment
         self.method = method
         self.num_replicas = num_replicas
         self.started = time.time()
         # the logits store: here, or in shard actors that workers call directly (`shards`)
         self.shards = shards or []
-        self.store = TeacherStore(num_replicas, 0 if self.shards else num_train, num_classes, topk, max_staleness)
+        self.store = TeacherStore(num_replicas, 0 if self.shards else num_train, num_classes, topk, max_staleness,
+                                  teacher_rule=teacher_rule, temperature=temperature, seed=seed)
         self.counters = self.store.counters  # the broker's own calls count here, shards' in theirs
         self.latest_step = self.store.latest_step  # newest step each replica published or logged
         self.guard = Guard(token, self.counters)
@@ -177,12 +180,14 @@ class Broker:
             self._save()
 
     @ray.method(max_task_retries=0)  # superseded by the next call: never retried
-    def fetch(self, replica: int, token: str, indices: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        """Mean peer logits for `indices`, a mask of samples that have a teacher, and its age
-        (`TeacherStore.fetch`); no teacher at all when the call is refused."""
+    def fetch(self, replica: int, token: str, indices: np.ndarray,
+              step: int = 0) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """The teacher for `indices` by the experiment's rule, a mask of samples that have one, and
+        its age (`TeacherStore.fetch`; `step`: the chunk's first step); no teacher at all when the
+        call is refused."""
         if self._refuse(replica, token):
             return None, np.zeros(len(indices), dtype=bool), np.full(len(indices), -1, dtype=np.int32)
-        return self.store.fetch(replica, indices)
+        return self.store.fetch(replica, indices, step)
 
     # -- weights exchange -----------------------------------------------------------------------
     def put_weights(self, replica: int, token: str, step: int, ref: list, nbytes: int) -> None:
@@ -391,7 +396,8 @@ def shard_name(experiment: str, shard: int) -> str:
 def start_broker(experiment: str, num_replicas: int, num_train: int, num_classes: int,
                  max_staleness: int | None = None, method: str = "codistill",
                  probe_labels: np.ndarray | None = None, token: str = "", folder: str | None = None,
-                 topk: int | None = None, shards: int = 1, placement: dict | None = None):
+                 topk: int | None = None, shards: int = 1, placement: dict | None = None,
+                 teacher_rule: str = "mean_logits", temperature: float = 1.0, seed: int = 0):
     """Create the named broker actor of an experiment (the driver's side).
 
     With `folder` (the experiment folder) it journals what it must not lose there and reloads it
@@ -400,7 +406,8 @@ def start_broker(experiment: str, num_replicas: int, num_train: int, num_classes
     `placement` (actor options: `label_selector`, `resources`) puts it on a chosen node instead.
     With `shards` > 1 the logits store is split by sample index over that many shard actors,
     which Ray spreads over the nodes; a restarted shard starts empty (its peers' next
-    publications refill it).
+    publications refill it). `teacher_rule`, `temperature` and `seed` say how a fetch makes one
+    teacher of the peers' logits (`store.py`); every shard applies the same rule to its samples.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     where = placement or {
@@ -408,12 +415,13 @@ def start_broker(experiment: str, num_replicas: int, num_train: int, num_classes
     shard_handles = [
         RemoteShard.options(name=shard_name(experiment, s), namespace=NAMESPACE, scheduling_strategy="SPREAD").remote(
             token, num_replicas=num_replicas, num_train=num_train, num_classes=num_classes, topk=topk,
-            max_staleness=max_staleness, shard=s, num_shards=shards)
+            max_staleness=max_staleness, shard=s, num_shards=shards, teacher_rule=teacher_rule,
+            temperature=temperature, seed=seed)
         for s in range(shards)] if shards > 1 else []
     handle = RemoteBroker.options(name=broker_name(experiment), namespace=NAMESPACE, lifetime=None,
                                   **where).remote(
         experiment, num_replicas, num_train, num_classes, max_staleness, method, probe_labels, token, folder,
-        topk, shard_handles)
+        topk, shard_handles, teacher_rule, temperature, seed)
     ray.get([handle.ping.remote(), *(s.nbytes.remote() for s in shard_handles)])
     return handle
 
@@ -494,12 +502,13 @@ class BrokerClient:
             if sel.any():
                 self._remote(shard.publish, self.rank, step[sel], indices[sel], values[sel], *(e[sel] for e in extra))
 
-    def fetch_async(self, indices: np.ndarray):
+    def fetch_async(self, indices: np.ndarray, step: int = 0):
+        """Ask for the teachers of `indices`, a chunk whose first step is `step`."""
         if not self.shards:
-            return self._call("fetch", indices)
+            return self._call("fetch", indices, step)
         owner = indices % len(self.shards)
         sels = [owner == s for s in range(len(self.shards))]
-        return _ShardedAnswer(indices.size, [(sel, self._remote(shard.fetch, indices[sel]))
+        return _ShardedAnswer(indices.size, [(sel, self._remote(shard.fetch, indices[sel], step))
                                              for sel, shard in zip(sels, self.shards) if sel.any()])
 
     def fetch_weights_async(self):

@@ -18,6 +18,7 @@ from ray_codistill.errors import ConfigError
 
 METHODS = ("codistill", "allreduce", "independent")
 DATASETS = ("mnist1d", "synthetic", "imagefolder", "cifar10")
+TEACHER_RULES = ("mean_logits", "mean_probs", "random_peer")
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -104,6 +105,9 @@ class CodistillConfig:
     ramp_steps: int = 0  # after burn-in, alpha rises linearly to its value over this many steps
     distance: Literal["kl", "mse"] = "kl"
     temperature: float = 1.0  # kl only: softmax temperature; the term is scaled by T^2
+    # how R - 1 peers make one teacher: the mean of their logits, the mean of their probabilities
+    # at `temperature` (kl only), or one peer drawn per chunk of samples (per step in weights mode)
+    teacher_rule: Literal["mean_logits", "mean_probs", "random_peer"] = "mean_logits"
     exchange: Literal["logits", "weights"] = "logits"
     exchange_every: int = 50  # weights mode: steps between publications of a replica's weights
     # logits mode: batches fetched / published per broker call. A call costs about a millisecond of
@@ -124,6 +128,10 @@ class CodistillConfig:
         _check(self.ramp_steps >= 0, "codistill.ramp_steps", f"got {self.ramp_steps}, must be >= 0")
         _choice(self.distance, "codistill.distance", ("kl", "mse"))
         _choice(self.exchange, "codistill.exchange", ("logits", "weights"))
+        _choice(self.teacher_rule, "codistill.teacher_rule", TEACHER_RULES)
+        _check(self.teacher_rule != "mean_probs" or self.distance == "kl", "codistill.teacher_rule",
+               "mean_probs needs codistill.distance=kl (its teacher is a distribution; mse compares logits, "
+               "and a mean of probabilities has no logits to compare)")
         _check(self.temperature > 0, "codistill.temperature", f"got {self.temperature}, must be > 0")
         _check(self.exchange_every >= 1, "codistill.exchange_every", f"got {self.exchange_every}, must be >= 1")
         _check(self.exchange_batches >= 1, "codistill.exchange_batches",

@@ -213,7 +213,7 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     cc = cfg.codistill
     broker = start_broker(cfg.name, cfg.num_models, len(splits.train), splits.num_classes, cc.max_staleness,
                           cfg.method, probe_labels, token, str(folder), cc.topk, cc.broker_shards,
-                          broker_options(cfg))
+                          broker_options(cfg), cc.teacher_rule, cc.temperature, cfg.seed)
     if cfg.node_wait_s is not None:
         # how long Ray Train waits for the resources of a worker group (at start, and after a node
         # is lost); read by each trainer's controller when it starts (Ray Train propagates it).

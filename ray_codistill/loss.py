@@ -2,10 +2,12 @@
 
     loss_i = CE(y, z_i) + alpha(t) * D(z_i, teacher)
 
-where the teacher is the mean of the peers' (possibly stale) logits, D is ``kl`` or ``mse`` and
-alpha(t) follows a burn-in and an optional linear ramp. Everything the training loop needs to turn
-logits, labels and a (masked) teacher into a scalar to backpropagate lives here, so it can be
-checked against hand computations without starting anything.
+where the teacher comes from the peers' (possibly stale) predictions by `codistill.teacher_rule`:
+logits (the mean of the peers' logits, or one peer's) or, for ``mean_probs``, probabilities (the
+mean of the peers' softmaxes at the temperature, ``teacher_probs=True`` below); D is ``kl`` or
+``mse`` (logits only) and alpha(t) follows a burn-in and an optional linear ramp. Everything the
+training loop needs to turn logits, labels and a (masked) teacher into a scalar to backpropagate
+lives here, so it can be checked against hand computations without starting anything.
 """
 
 from __future__ import annotations
@@ -38,21 +40,25 @@ def alpha_at(step: int, alpha: float, burn_in: int, ramp_steps: int) -> float:
 
 def distillation_per_sample(
     student_logits: Tensor, teacher_logits: Tensor, distance: str, temperature: float,
-    student_log_probs: Tensor | None = None,
+    student_log_probs: Tensor | None = None, teacher_probs: bool = False,
 ) -> Tensor:
-    """Per-sample distance between student and teacher logits, shape [B].
+    """Per-sample distance between student logits and the teacher, shape [B].
 
     - ``kl``: KL(teacher || student) between softmax(teacher / T) and softmax(student / T), summed
-      over classes and multiplied by T^2.
-    - ``mse``: mean over classes of (student - teacher)^2 on the raw logits (T is ignored).
+      over classes and multiplied by T^2. With ``teacher_probs`` the teacher is that distribution
+      already (the ``mean_probs`` rule: the mean of the peers' softmax(z_j / T)), used as it is.
+    - ``mse``: mean over classes of (student - teacher)^2 on the raw logits (T is ignored); it has
+      no meaning for a probability teacher, which is refused.
 
     The teacher is detached here, whatever the caller did, and cast to the student's dtype (the
-    broker ships float16 logits). ``student_log_probs``, if given, is log_softmax(student_logits)
-    computed already (`codistill_loss` has it from the cross-entropy); ``kl`` with T = 1 uses it
-    instead of computing it again.
+    broker ships float16 logits or probabilities). ``student_log_probs``, if given, is
+    log_softmax(student_logits) computed already (`codistill_loss` has it from the
+    cross-entropy); ``kl`` with T = 1 uses it instead of computing it again.
     """
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; expected one of {DISTANCES}")
+    if teacher_probs and distance != "kl":
+        raise ValueError(f"a probability teacher needs distance 'kl', got {distance!r} (mse compares logits)")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student and teacher logits differ in shape: "
@@ -71,13 +77,18 @@ def distillation_per_sample(
     # a small model each op of the loss is a visible share of a step, see benchmarks/overhead.py).
     if t == 1.0:
         log_p = F.log_softmax(student_logits, dim=-1) if student_log_probs is None else student_log_probs
-        log_q = F.log_softmax(teacher, dim=-1)
     else:
-        log_p, log_q = F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher / t, dim=-1)
+        log_p = F.log_softmax(student_logits / t, dim=-1)
     # F.kl_div(input, target) computes KL(target || input): the student goes first. Swapping the
-    # arguments (the classic mistake) gives the mode-seeking direction instead. log_target=True
-    # keeps both sides in log space, which is stable for very confident teachers.
-    kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(dim=-1)
+    # arguments (the classic mistake) gives the mode-seeking direction instead.
+    if teacher_probs:
+        # probabilities as target: kl_div takes q log q as 0 where q is 0 (a float16 probability
+        # below 6e-8 is 0), where log_target would give 0 * -inf = NaN
+        kl = F.kl_div(log_p, teacher, reduction="none").sum(dim=-1)
+    else:
+        # log_target=True keeps both sides in log space, which is stable for very confident teachers
+        log_q = F.log_softmax(teacher if t == 1.0 else teacher / t, dim=-1)
+        kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(dim=-1)
     # Gradients of the softened KL scale as 1/T^2; multiplying back keeps alpha's meaning
     # independent of the temperature (Hinton et al. 2015).
     return kl if t == 1.0 else kl * (t * t)
@@ -91,6 +102,7 @@ def codistill_loss(
     alpha: float = 0.0,
     distance: str = "kl",
     temperature: float = 1.0,
+    teacher_probs: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(total, ce, distill)``, three scalar tensors, with ``total = ce + alpha * distill``.
 
@@ -104,7 +116,8 @@ def codistill_loss(
       exactly ``ce``.
 
     ``mask`` is a bool tensor [B]; None means every sample has a teacher. Teacher rows under a
-    False mask may hold anything, NaN included: they are never read.
+    False mask may hold anything, NaN included: they are never read. ``teacher_probs``: the
+    teacher holds probabilities at ``temperature``, not logits (`distillation_per_sample`).
     """
     if teacher_logits is None or alpha == 0:
         ce = F.cross_entropy(logits, targets)
@@ -130,7 +143,7 @@ def codistill_loss(
         mask = mask.to(logits.device)
         student, teacher = logits[mask], teacher_logits[mask.to(teacher_logits.device)]
         student_log_p = log_p[mask]
-    per_sample = distillation_per_sample(student, teacher, distance, temperature, student_log_p)
+    per_sample = distillation_per_sample(student, teacher, distance, temperature, student_log_p, teacher_probs)
     # Sum of an empty selection is 0, so a batch with no teacher at all gives distill == 0.
     distill = per_sample.sum() / batch
     return ce + alpha * distill, ce, distill

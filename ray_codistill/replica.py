@@ -30,6 +30,7 @@ from ray_codistill.data import eval_batches, probe_split, train_batches, train_i
 from ray_codistill.loss import alpha_at, codistill_loss
 from ray_codistill.models import build_model
 from ray_codistill.optim import build_optimizer
+from ray_codistill.store import draw_peer
 
 
 FINISH_TIMEOUT_S = 300.0
@@ -78,12 +79,14 @@ class LogitsTeacher:
       per step only views of those;
     - a batch whose samples all have a teacher goes without a mask (boolean indexing and its
       backward cost more than the distillation term itself on a small model).
-    With `topk`, only each sample's k largest logits and their classes are published.
+    With `topk`, only each sample's k largest logits and their classes are published. With
+    `probs` (the `mean_probs` rule) the broker answers with probabilities, which are scaled back
+    to a sum of 1 once per chunk (float16 leaves them up to about 1e-3 off).
     """
 
     def __init__(self, client: BrokerClient, chunk: int, device: torch.device, topk: int | None = None,
-                 lead: int | None = None) -> None:
-        self.client, self.chunk, self.device, self.topk = client, chunk, device, topk
+                 lead: int | None = None, probs: bool = False) -> None:
+        self.client, self.chunk, self.device, self.topk, self.probs = client, chunk, device, topk, probs
         # steps between asking for a chunk and its first step: long enough for a broker round
         # trip, short because every step of lead adds a step of staleness to the chunk's teachers
         self.lead = min(chunk, PREFETCH_LEAD_STEPS) if lead is None else lead
@@ -100,6 +103,8 @@ class LogitsTeacher:
             return  # broker late or gone, or no peer has published yet: these steps go without
         logits, mask, age = answer
         logits = torch.from_numpy(logits.astype(np.float32)).to(self.device)  # astype copies: writable
+        if self.probs:  # rows without a teacher are all 0 and stay so
+            logits /= logits.sum(1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
         bounds = np.cumsum([0, *sizes])
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             m = mask[lo:hi]
@@ -112,7 +117,8 @@ class LogitsTeacher:
     def _request(self, step: int, upcoming: Lookahead) -> None:
         offset = self.next_step - (step + 1)  # `upcoming` starts at step + 1
         idx = [b.numpy() for b in upcoming.peek(offset + self.chunk)[offset:]]
-        self.pending = (self.next_step, [len(i) for i in idx], self.client.fetch_async(np.concatenate(idx)))
+        self.pending = (self.next_step, [len(i) for i in idx],
+                        self.client.fetch_async(np.concatenate(idx), self.next_step))
         self.next_step += self.chunk
 
     def teacher(self, x: torch.Tensor, step: int, device: torch.device, upcoming: Lookahead):
@@ -156,10 +162,17 @@ class WeightsTeacher:
 
     Every `every` steps we ask the broker for the peers' newest state dicts and load them as soon
     as the answer arrives (never waiting for it); until then the older teacher serves.
+    `rule` (`codistill.teacher_rule`) makes one teacher of the loaded peers, as the broker does in
+    logits mode: the mean of their logits, the mean of their softmax(z / `temperature`) (then the
+    teacher is probabilities), or one peer per step drawn from `seed`, our replica and the step
+    among the loaded peers (`store.draw_peer`), whose forward pass alone is run: one extra pass
+    per step whatever R.
     """
 
-    def __init__(self, client: BrokerClient, model_fn, every: int, device: torch.device) -> None:
+    def __init__(self, client: BrokerClient, model_fn, every: int, device: torch.device,
+                 rule: str = "mean_logits", temperature: float = 1.0, seed: int = 0) -> None:
         self.client, self.model_fn, self.every, self.device = client, model_fn, every, device
+        self.rule, self.temperature, self.seed = rule, temperature, seed
         self.peers: dict[int, tuple[torch.nn.Module, int]] = {}  # peer -> (model, weights step)
         # peer -> how many steps the peer was ahead of us when the broker last answered; a teacher's
         # age in the peer's own steps is then (our step + lead) - the step of its weights
@@ -194,13 +207,18 @@ class WeightsTeacher:
         if not self.peers:
             self.tally["misses"] += x.shape[0]
             return None
-        ages = [max(0, step + self.lead.get(p, 0) - s) for p, (_, s) in self.peers.items()]
+        peers = sorted(self.peers)
+        if self.rule == "random_peer":
+            peers = [draw_peer(self.seed, self.client.replica, step, peers)]
+        ages = [max(0, step + self.lead.get(p, 0) - self.peers[p][1]) for p in peers]
         self.tally["hits"] += x.shape[0]
         self.tally["ages"].append(int(np.mean(ages)))
         with torch.no_grad():
-            outputs = [m(x) for m, _ in self.peers.values()]
-            logits = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)  # one peer: no copy
-        return logits, None, np.asarray(ages)  # every sample has a teacher: no mask
+            outputs = [self.peers[p][0](x) for p in peers]
+            if self.rule == "mean_probs":
+                outputs = [F.softmax(z / self.temperature, dim=-1) for z in outputs]
+            teacher = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)  # one peer: no copy
+        return teacher, None, np.asarray(ages)  # every sample has a teacher: no mask
 
     def flush(self) -> None:
         """Send the teacher counters kept since the last flush (the broker cannot see them)."""
@@ -375,13 +393,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                           "node_id": ray.get_runtime_context().get_node_id(),
                                           "node_ip": ray.util.get_node_ip_address(),
                                           "device": str(device)}, start)
+    cc = cfg.codistill
+    probs = cc.teacher_rule == "mean_probs"  # the teacher is a distribution, not logits
     exchange = None
     if cfg.distills:
-        _wait_for_peers(client, cfg.num_models, cfg.codistill.wait_for_peers_s)
-        exchange = (LogitsTeacher(client, cfg.codistill.exchange_batches, device, cfg.codistill.topk)
-                    if cfg.codistill.exchange == "logits" else
-                    WeightsTeacher(client, model_fn, cfg.codistill.exchange_every, device))
-    cc = cfg.codistill
+        _wait_for_peers(client, cfg.num_models, cc.wait_for_peers_s)
+        exchange = (LogitsTeacher(client, cc.exchange_batches, device, cc.topk, probs=probs)
+                    if cc.exchange == "logits" else
+                    WeightsTeacher(client, model_fn, cc.exchange_every, device, cc.teacher_rule, cc.temperature,
+                                   cfg.seed))
     probe = probe_split(splits, cc.probe_size) if rank == 0 and cfg.num_models > 1 and cc.probe_every else None
     alpha_of = (lambda s: alpha_at(s, cc.alpha, cc.burn_in, cc.ramp_steps)) if cfg.distills else (lambda s: 0.0)
 
@@ -404,7 +424,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         logits = model(x)
         loss, ce, distill = codistill_loss(logits, y, teacher and teacher[0], teacher and teacher[1],
-                                           alpha, cc.distance, cc.temperature)
+                                           alpha, cc.distance, cc.temperature, probs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -10,6 +10,20 @@ With `topk` it keeps only the k largest logits of each sample (float16) and thei
 serves them as dense logits whose other classes are `TOPK_FILL` (softmax gives them no mass: the
 KL teacher is the top-k distribution renormalised). Memory per replica and shard:
 `ceil(N / shards) x (k x 2 + k x 2 + 8)` bytes with top-k, `ceil(N / shards) x (C x 2 + 8)` without.
+
+A fetch turns the peers' stored logits into one teacher per sample by `codistill.teacher_rule`:
+- `mean_logits`: the mean of the logits of the peers that hold the sample (within
+  `max_staleness`);
+- `mean_probs`: the mean of those peers' softmax(z / T), T the distillation temperature; the
+  answer holds probabilities, not logits. With top-k a class in any answering peer's top-k keeps
+  that peer's share of mass (under `mean_logits` a class outside one peer's top-k gets that peer's
+  `TOPK_FILL` in the mean, so practically only classes in every answering peer's top-k survive);
+- `random_peer`: one peer per fetch (a chunk of batches), drawn by `draw_peer` from the seed, the
+  asking replica and the chunk's first step among the peers that have published to this store;
+  only its logits are read, so the work of a fetch does not grow with R. A sample that peer does
+  not hold (or holds older than `max_staleness`) is a miss: it is not filled in from another
+  peer, which would mean reading every peer's steps for the chunk.
+The age of a sample's teacher is the mean (rounded down) of the ages of the peers that made it.
 """
 
 from __future__ import annotations
@@ -84,13 +98,32 @@ class Counters:
         }
 
 
+def draw_peer(seed: int, replica: int, step: int, candidates: list[int]) -> int:
+    """The one teacher of `replica` for the chunk starting at `step` under `random_peer`: the same
+    seed, replica, step and candidates always give the same peer, on any process or shard."""
+    rng = np.random.default_rng([seed % 2**64, replica, int(step) % 2**64])  # SeedSequence: no negatives
+    return candidates[int(rng.integers(len(candidates)))]
+
+
+def softmax_(z: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(z / T) over classes, computed in place in `z` (a float array the caller owns)."""
+    if temperature != 1.0:
+        z /= temperature
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
 class TeacherStore:
-    """Stored logits of one shard: publish with validation, fetch the mean over peers."""
+    """Stored logits of one shard: publish with validation, fetch the teacher of the rule."""
 
     def __init__(self, num_replicas: int, num_train: int, num_classes: int, topk: int | None = None,
-                 max_staleness: int | None = None, shard: int = 0, num_shards: int = 1) -> None:
+                 max_staleness: int | None = None, shard: int = 0, num_shards: int = 1,
+                 teacher_rule: str = "mean_logits", temperature: float = 1.0, seed: int = 0) -> None:
         self.num_replicas, self.num_train, self.num_classes = num_replicas, num_train, num_classes
         self.topk, self.max_staleness = topk, max_staleness
+        self.teacher_rule, self.temperature, self.seed = teacher_rule, temperature, seed
         self.shard, self.num_shards = shard, num_shards
         self.size = len(range(shard, num_train, num_shards))  # samples in this shard
         self.counters = [Counters() for _ in range(num_replicas)]
@@ -164,10 +197,12 @@ class TeacherStore:
         return None
 
     # -- fetch ----------------------------------------------------------------------------------
-    def fetch(self, replica: int, indices) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-        """Mean peer logits for `indices`, a mask of samples that have a teacher, and its age.
+    def fetch(self, replica: int, indices, step: int = 0) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """The teacher for `indices` (float16: logits, or probabilities under `mean_probs`), a mask
+        of samples that have one, and its age; `step` is the first step of the asking chunk
+        (`random_peer` draws its peer from it).
 
-        The logits are None when no peer has published anything for these samples yet.
+        The teacher is None when no peer has published anything for these samples yet.
         Age is counted in the teacher's own steps (its newest step minus the step the stored
         logits came from), averaged over the peers that answer for the sample; -1 where masked.
         """
@@ -180,9 +215,10 @@ class TeacherStore:
         total = None
         count = np.zeros(indices.size, dtype=np.int64)
         age_sum = np.zeros(indices.size, dtype=np.int64)
-        for peer in range(self.num_replicas):
-            if peer == replica or self._values[peer].shape[0] == 0:
-                continue
+        peers = [p for p in range(self.num_replicas) if p != replica and self._values[p].shape[0]]
+        if self.teacher_rule == "random_peer" and peers:
+            peers = [draw_peer(self.seed, replica, step, peers)]
+        for peer in peers:
             steps = self._step[peer][local]
             age = self.latest_step[peer] - steps
             valid = steps >= 0
@@ -191,6 +227,8 @@ class TeacherStore:
             if not valid.any():
                 continue
             peer_logits = self._dense(peer, local)
+            if self.teacher_rule == "mean_probs":
+                peer_logits = softmax_(peer_logits, self.temperature)  # _dense's own copy
             peer_logits[~valid] = 0.0
             total = peer_logits if total is None else total + peer_logits
             count += valid
@@ -259,10 +297,10 @@ class StoreShard:
             self.store.publish(replica, rank, step, indices, values, classes)
 
     @ray.method(max_task_retries=0)
-    def fetch(self, replica: int, token: str, indices):
+    def fetch(self, replica: int, token: str, indices, step: int = 0):
         if self.guard.refuse(replica, token):
             return None, np.zeros(len(indices), dtype=bool), np.full(len(indices), -1, dtype=np.int32)
-        return self.store.fetch(replica, indices)
+        return self.store.fetch(replica, indices, step)
 
     def registered(self, replica: int, rank: int, start_step: int, restart: bool) -> None:
         self.store.registered(replica, rank, start_step, restart)

@@ -45,6 +45,7 @@ INVALID = [  # (override, the key the error names, words of what is allowed)
     ("optim.schedule=linear", "optim.schedule", "constant, cosine, step"),
     ("codistill.distance=l1", "codistill.distance", "kl, mse"),
     ("codistill.exchange=grads", "codistill.exchange", "logits, weights"),
+    ("codistill.teacher_rule=median", "codistill.teacher_rule", "mean_logits, mean_probs, random_peer"),
     ("data.name=imagenet", "data.name", "mnist1d, synthetic, imagefolder, cifar10"),
     ("replicas=1", "replicas", "codistill needs >= 2"),
     ("steps=0", "steps", ">= 1"),
@@ -132,6 +133,20 @@ def test_missing_and_malformed_files(tmp_path):
 def test_allreduce_refuses_resources_that_differ_by_replica():
     with pytest.raises(ConfigError, match="^placement.replica_resources: allreduce is one worker group"):
         load_config(CONFIGS / "smoke.yaml", ["method=allreduce", "placement.replica_resources=[{a: 1}, {b: 1}]"])
+
+
+def test_teacher_rules_and_the_distance_they_need():
+    assert load_config(CONFIGS / "smoke.yaml").codistill.teacher_rule == "mean_logits"  # today's rule
+    for rule in ("mean_logits", "mean_probs", "random_peer"):
+        for exchange in ("logits", "weights"):
+            cfg = load_config(CONFIGS / "smoke.yaml", [f"codistill.teacher_rule={rule}",
+                                                       f"codistill.exchange={exchange}"])
+            assert cfg.codistill.teacher_rule == rule
+    for rule in ("mean_logits", "random_peer"):  # a logits teacher: mse on logits is fine
+        assert load_config(CONFIGS / "smoke.yaml", [f"codistill.teacher_rule={rule}",
+                                                    "codistill.distance=mse"]).codistill.distance == "mse"
+    with pytest.raises(ConfigError, match="^codistill.teacher_rule: mean_probs needs codistill.distance=kl"):
+        load_config(CONFIGS / "smoke.yaml", ["codistill.teacher_rule=mean_probs", "codistill.distance=mse"])
 
 
 def test_exponent_without_dot_is_a_float():

@@ -37,35 +37,69 @@ def _restart_step(stats: dict, replica: int) -> int | None:
     return steps[-1] if steps else None
 
 
+def _kill_replica_1(run: LiveRun, folder, also=lambda stats, before: True) -> dict:
+    """SIGKILL replica 1's worker once Ray Train has registered a checkpoint of it (the restart
+    must come back from it); stop the run once replica 1 is back and training and
+    `also(stats, stats at the kill)` holds. Returns what the test checks the result against."""
+    cfg = run.cfg
+    registered = wait_for("a registered checkpoint of replica 1",
+                          lambda: registered_checkpoints(folder / cfg.name, f"{cfg.name}-r1"))
+    before = run.wait_until("replica 1's worker", lambda s: s["replicas"]["1"]["workers"])
+    pid = before["replicas"]["1"]["workers"]["0"]["pid"]
+    killed_at = time.time()
+    os.kill(pid, signal.SIGKILL)
+    back = run.wait_until("replica 1 back and training, and what the test waits for", lambda s: (
+        _restart_step(s, 1) is not None and s["replicas"]["1"]["step"] > _restart_step(s, 1) + cfg.log_every
+        and also(s, before)))
+    run.stop()
+    return {"registered": registered, "pid": pid, "killed_at": killed_at, "back": back, "result": run.result()}
+
+
+def _assert_replica_1_alone_restarted_from_its_checkpoint(killed: dict) -> None:
+    cfg, summary = killed["result"].summary["config"], killed["result"].summary
+    metrics = pd.read_parquet(killed["result"].path / "metrics.parquet")
+    others = [r for r in range(cfg["replicas"]) if r != 1]
+    assert summary["status"] == "stopped"
+    assert summary["restarts"] == {str(r): int(r == 1) for r in range(cfg["replicas"])}
+    assert [r["restarts"] for r in summary["replicas"]] == [int(r == 1) for r in range(cfg["replicas"])]
+    restart, = [e for e in summary["events"] if e["event"] == "restarted"]
+    assert restart["replica"] == 1 and restart["time"] > killed["killed_at"] and restart["pid"] != killed["pid"]
+    # back from the newest checkpoint registered before the kill (or a newer one), not from scratch
+    assert restart["step"] % cfg["checkpoint_every"] == 0 and restart["step"] >= max(killed["registered"]) > 0
+    assert killed["back"]["replicas"]["1"]["restarts"] == 1
+    assert_every_row_once(metrics, summary, cfg["log_every"], cfg["eval_every"])
+    # the other replicas kept training while replica 1 was down
+    for r in others:
+        rows = metrics[metrics["replica"] == r]
+        assert len(rows[(rows["timestamp"] > killed["killed_at"]) & (rows["timestamp"] < restart["time"])]) > 0
+
+
 def test_killed_worker_restarts_its_replica_alone_from_its_checkpoint(ray_cluster, tmp_path):
     cfg = _config(tmp_path, "fault-worker")
     with LiveRun(cfg) as run:
-        # killed once Ray Train has registered a checkpoint: the restart must come back from it
-        registered = wait_for("a registered checkpoint of replica 1",
-                              lambda: registered_checkpoints(tmp_path / cfg.name, f"{cfg.name}-r1"))
-        stats = run.wait_until("replica 1's worker", lambda s: s["replicas"]["1"]["workers"])
-        pid = stats["replicas"]["1"]["workers"]["0"]["pid"]
-        killed_at = time.time()
-        os.kill(pid, signal.SIGKILL)
-        back = run.wait_until("replica 1 back and training", lambda s: _restart_step(s, 1) is not None and
-                              s["replicas"]["1"]["step"] > _restart_step(s, 1) + cfg.log_every)
-        run.stop()
-        result = run.result()
-    summary = result.summary
-    metrics = pd.read_parquet(result.path / "metrics.parquet")
+        killed = _kill_replica_1(run, tmp_path)
+    _assert_replica_1_alone_restarted_from_its_checkpoint(killed)
 
-    assert summary["status"] == "stopped"
-    assert summary["restarts"] == {"0": 0, "1": 1}
-    assert [r["restarts"] for r in summary["replicas"]] == [0, 1]
-    restart, = [e for e in summary["events"] if e["event"] == "restarted"]
-    assert restart["replica"] == 1 and restart["time"] > killed_at and restart["pid"] != pid
-    # back from the newest checkpoint registered before the kill (or a newer one), not from scratch
-    assert restart["step"] % cfg.checkpoint_every == 0 and restart["step"] >= max(registered) > 0
-    assert back["replicas"]["1"]["restarts"] == 1
-    assert_every_row_once(metrics, summary, cfg.log_every, cfg.eval_every)
-    # replica 0 kept training while replica 1 was down
-    r0 = metrics[metrics["replica"] == 0]
-    assert len(r0[(r0["timestamp"] > killed_at) & (r0["timestamp"] < restart["time"])]) > 0
+
+def test_one_of_three_random_peer_replicas_restarts_and_teachers_flow_again(ray_cluster, tmp_path):
+    """R = 3 with the random_peer rule: replica 1's worker is killed; it alone restarts from its
+    checkpoint, the other two train on, and after the restart every replica is served teachers
+    again and replica 1 publishes again."""
+    cfg = _config(tmp_path, "fault-three").replace(replicas=3, **{"codistill.teacher_rule": "random_peer"})
+    with LiveRun(cfg) as run:
+        killed = _kill_replica_1(run, tmp_path, also=lambda s, before: all(
+            s["replicas"][r][key] > before["replicas"][r][key]
+            for r in ("0", "1", "2") for key in ("hits", "publications")))
+    _assert_replica_1_alone_restarted_from_its_checkpoint(killed)
+    summary = killed["result"].summary
+    assert summary["config"]["codistill"]["teacher_rule"] == "random_peer"
+    assert all(summary["broker"][r]["rejected"] == {} for r in ("0", "1", "2"))
+    # the rows each replica logged after the restart count teachers it distilled from
+    metrics = pd.read_parquet(killed["result"].path / "metrics.parquet")
+    restarted_at = next(e["time"] for e in summary["events"] if e["event"] == "restarted")
+    for r in range(3):
+        rows = metrics[(metrics["replica"] == r) & (metrics["timestamp"] > restarted_at)]
+        assert (rows["distill/hit_rate"] > 0).any(), f"replica {r}: no teacher after the restart"
 
 
 def test_killed_broker_is_restarted_and_training_finishes(ray_cluster, tmp_path):

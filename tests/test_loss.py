@@ -216,3 +216,55 @@ def test_float16_teacher(distance):
     assert total.dtype == torch.float32 and torch.isfinite(distill)
     total.backward()
     assert torch.isfinite(student.grad).all()
+
+
+# -- a probability teacher (codistill.teacher_rule = mean_probs) ---------------------------------
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_probability_teacher_is_kl_to_the_mean_of_the_peers_softmaxes(temperature):
+    """mean_probs: the target is the mean of the peers' softmax(z_j / T), not the softmax of their
+    mean logits; KL(target || softmax(student / T)) x T^2, as for a logits teacher."""
+    T = temperature
+    s = np.array(STUDENT)
+    peers = [np.array(TEACHER), np.array([[0.0, 3.0, -1.0], [2.0, -2.0, 0.5]])]
+    target = np.mean([_np_softmax(z / T) for z in peers], axis=0)
+    expected = _np_kl(target, _np_softmax(s / T)) * T**2
+    per = distillation_per_sample(torch.tensor(STUDENT), torch.tensor(target), "kl", T, teacher_probs=True)
+    np.testing.assert_allclose(per.numpy(), expected, rtol=1e-5)
+    # not the same as distilling from the mean logits: the rules differ for R > 2
+    of_mean_logits = distillation_per_sample(torch.tensor(STUDENT), torch.tensor(np.mean(peers, axis=0)), "kl", T)
+    assert not np.allclose(per.numpy(), of_mean_logits.numpy(), rtol=1e-3)
+    # one peer (R = 2): its softmax as target is its logits as teacher
+    one = distillation_per_sample(torch.tensor(STUDENT), torch.tensor(_np_softmax(peers[0] / T)), "kl", T,
+                                  teacher_probs=True)
+    np.testing.assert_allclose(one.numpy(), distillation_per_sample(
+        torch.tensor(STUDENT), torch.tensor(TEACHER), "kl", T).numpy(), rtol=1e-5)
+    # and through the whole loss, with a mask
+    _, _, distill = codistill_loss(torch.tensor(STUDENT), torch.tensor([0, 1]), torch.tensor(target),
+                                   mask=torch.tensor([False, True]), alpha=1.0, temperature=T, teacher_probs=True)
+    assert distill.item() == pytest.approx(expected[1] / 2, rel=1e-5)
+
+
+def test_probability_teacher_of_identical_distribution_gives_zero_and_zeros_stay_finite():
+    torch.manual_seed(2)
+    z = torch.randn(5, 7) * 4
+    per = distillation_per_sample(z, F.softmax(z / 3.0, dim=-1), "kl", 3.0, teacher_probs=True)
+    assert torch.allclose(per, torch.zeros(5), atol=1e-5)
+    # classes with no teacher mass (a float16 probability below 6e-8, or top-k's other classes)
+    student = torch.tensor(STUDENT, requires_grad=True)
+    q = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    total, _, distill = codistill_loss(student, torch.tensor([0, 2]), torch.tensor(q, dtype=torch.float16),
+                                       alpha=1.0, teacher_probs=True)
+    q_log_q = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0)  # 0 log 0 = 0
+    expected = (q_log_q - q * np.log(_np_softmax(np.array(STUDENT)))).sum(-1)
+    assert distill.item() == pytest.approx(expected.mean(), rel=1e-5)
+    total.backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_probability_teacher_refuses_mse():
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="mse"):
+        distillation_per_sample(z, F.softmax(z, -1), "mse", 1.0, teacher_probs=True)
+    with pytest.raises(ValueError, match="mse"):
+        codistill_loss(z, torch.tensor([0, 1]), F.softmax(z, -1), alpha=1.0, distance="mse", teacher_probs=True)

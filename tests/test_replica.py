@@ -1,4 +1,5 @@
-"""LogitsTeacher without Ray: each step gets the teachers of its own batch, asked ahead in chunks."""
+"""LogitsTeacher and WeightsTeacher without Ray: each step gets the teachers of its own batch,
+asked ahead in chunks; the weights mode applies the teacher rule to the loaded peers."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import torch
 
 from ray_codistill.data import InMemoryDataset, train_batches, train_indices
-from ray_codistill.replica import Lookahead, LogitsTeacher
+from ray_codistill.replica import Lookahead, LogitsTeacher, WeightsTeacher
+from ray_codistill.store import draw_peer
 
 CPU = torch.device("cpu")
 
@@ -19,10 +21,12 @@ class FakeClient:
 
     def __init__(self) -> None:
         self.fetches: list[np.ndarray] = []
+        self.fetch_steps: list[int] = []
         self.published: list[tuple] = []
 
-    def fetch_async(self, indices: np.ndarray):
+    def fetch_async(self, indices: np.ndarray, step: int):
         self.fetches.append(indices.copy())
+        self.fetch_steps.append(step)
         return indices.copy()
 
     def resolve(self, ref):
@@ -67,6 +71,92 @@ def test_each_step_gets_the_teachers_of_its_own_batch():
     assert served >= 30 and masked > 0
     # one broker call per chunk of 4 steps, each naming the samples of those 4 batches
     assert all(len(f) == 4 * 6 for f in client.fetches) and len(client.fetches) == 10
+    # each call names its chunk's first step (random_peer draws the chunk's peer from it)
+    assert client.fetch_steps == list(range(4, 44, 4))
+
+
+class ProbsClient(FakeClient):
+    """Answers probabilities as float16 leaves them: rows that sum to about 1, and rows of 0
+    where there is no teacher."""
+
+    def resolve(self, ref):
+        probs = np.tile(np.float16([0.1, 0.2, 0.3, 0.401]), (ref.size, 1))
+        has = ref % 5 != 0
+        probs[~has] = 0
+        return probs, has, np.zeros(ref.size, np.int32)
+
+
+def test_probability_teachers_are_scaled_back_to_a_sum_of_one():
+    ds = InMemoryDataset(torch.arange(60.0).unsqueeze(1), torch.zeros(60, dtype=torch.long))
+    upcoming = Lookahead(train_indices(ds, 6, seed=1, rank=0, world_size=1))
+    batches = train_batches(ds, 6, seed=1, rank=0, world_size=1)
+    exchange = LogitsTeacher(ProbsClient(), chunk=4, device=CPU, probs=True)
+    served = 0
+    for step in range(12):
+        x, _, _ = next(batches)
+        next(upcoming)
+        found = exchange.teacher(x, step, CPU, upcoming)
+        if found is not None:
+            probs, mask, _ = found
+            rows = probs if mask is None else probs[mask]
+            assert torch.allclose(rows.sum(1), torch.ones(len(rows)), atol=1e-6) and torch.isfinite(probs).all()
+            served += 1
+    assert served >= 8
+
+
+class WeightsClient:
+    replica = 1
+
+    def fetch_weights_async(self):
+        return None  # no answer: the test loads the peers itself
+
+
+class Peer(torch.nn.Module):
+    """A teacher model that counts its forward passes and answers constant logits."""
+
+    def __init__(self, logits) -> None:
+        super().__init__()
+        self.logits, self.calls = torch.tensor(logits), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.logits.expand(x.shape[0], -1)
+
+
+def _weights_teacher(rule: str, seed: int = 0) -> WeightsTeacher:
+    exchange = WeightsTeacher(WeightsClient(), None, every=10, device=CPU, rule=rule, temperature=2.0, seed=seed)
+    # peers 0, 2, 3 loaded at steps 40, 30, 20; peer 3 was 10 steps ahead of us when asked
+    exchange.peers = {0: (Peer([1.0, 0.0, 0.0]), 40), 2: (Peer([0.0, 2.0, 0.0]), 30), 3: (Peer([0.0, 0.0, 4.0]), 20)}
+    exchange.lead = {3: 10}
+    return exchange
+
+
+def test_weights_teacher_rules():
+    """Weights mode: the mean of the loaded peers' logits, or of their softmaxes at the
+    temperature, or one peer per step (drawn as the broker draws) whose forward pass alone runs."""
+    x = torch.zeros(5, 2)
+    logits, mask, ages = _weights_teacher("mean_logits").teacher(x, 50, CPU, None)
+    assert mask is None and torch.allclose(logits, torch.tensor([1.0, 2.0, 4.0]).div(3).expand(5, 3))
+    assert ages.tolist() == [10, 20, 40]  # in each peer's own steps
+    probs, _, _ = _weights_teacher("mean_probs").teacher(x, 50, CPU, None)
+    expected = torch.stack([torch.softmax(torch.tensor(z) / 2.0, 0) for z in
+                            ([1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 4.0])]).mean(0)
+    assert torch.allclose(probs, expected.expand(5, 3)) and torch.allclose(probs.sum(1), torch.ones(5))
+
+    exchange = _weights_teacher("random_peer")
+    peers = {0: [1.0, 0.0, 0.0], 2: [0.0, 2.0, 0.0], 3: [0.0, 0.0, 4.0]}
+    drawn = []
+    for step in range(50, 80):
+        calls = {p: m.calls for p, (m, _) in exchange.peers.items()}
+        teacher, mask, ages = exchange.teacher(x, step, CPU, None)
+        peer = draw_peer(0, 1, step, [0, 2, 3])
+        assert torch.equal(teacher, torch.tensor(peers[peer]).expand(5, 3)) and len(ages) == 1
+        assert {p: m.calls - calls[p] for p, (m, _) in exchange.peers.items()} == {p: int(p == peer) for p in peers}
+        drawn.append(peer)
+    assert set(drawn) == {0, 2, 3}
+    again = _weights_teacher("random_peer")
+    assert [int(again.teacher(x, step, CPU, None)[0][0].argmax()) for step in range(50, 80)] == [
+        {0: 0, 2: 1, 3: 2}[p] for p in drawn]
 
 
 def test_own_logits_go_out_in_whole_chunks_as_float16():

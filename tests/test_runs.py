@@ -18,7 +18,7 @@ from ray_codistill.config import load_config
 from ray_codistill.report import report
 
 from conftest import CONFIGS
-from live import ENDLESS, LiveRun
+from live import ENDLESS, LiveRun, cli
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +104,14 @@ def test_comparison_table_and_report(comparison, tmp_path):
     assert {p.name for p in plots} >= {"val_acc.png", "train_loss.png"}
 
 
-def _until_both_had_teachers(cfg):
-    """Run until the broker has served teachers to both replicas, then stop: how soon each gets
-    one depends on how far apart they run, so the test waits for it instead of hoping."""
+def _until_all_had_teachers(cfg, ready=lambda stats: True, look=lambda: None):
+    """Run until the broker has served teachers to every replica (and `ready(stats)` holds), then
+    call `look()` and stop: how soon each gets one depends on how far apart they run, so the test
+    waits for it instead of hoping. Returns the result, its metrics and what `look` returned."""
     with LiveRun(cfg) as run:
-        run.wait_until("teachers served to both replicas", lambda s: all(
+        run.wait_until("teachers served to every replica", lambda s: ready(s) and all(
             r["hits"] > 0 and r["step"] >= 200 for r in s["replicas"].values()))
+        looked = look()
         run.stop()
         result = run.result()
     metrics = pd.read_parquet(result.path / "metrics.parquet")
@@ -119,14 +121,14 @@ def _until_both_had_teachers(cfg):
         assert rows["step"].iloc[-1] == rep["steps"] and rows["step"].is_unique
         assert rows["train/loss"].iloc[-1] < rows["train/loss"].iloc[0]  # the loss goes down
         assert (rows.loc[rows["step"] > 40, "train/distill"] > 0).any()  # it distilled after burn-in
-    return result, metrics
+    return result, metrics, looked
 
 
 def test_codistill_weights_exchange(ray_cluster, smoke_config):
     every = 10
     cfg = smoke_config.replace(**{"steps": ENDLESS, "codistill.exchange": "weights", "codistill.exchange_every": every,
                                   "checkpoint_every": 100})
-    result, metrics = _until_both_had_teachers(cfg)
+    result, metrics, _ = _until_all_had_teachers(cfg)
     for r, counters in result.summary["broker"].items():
         steps = result.summary["replicas"][int(r)]["steps"]
         assert counters["publications"] == steps // every  # every 10 steps
@@ -140,11 +142,35 @@ def test_codistill_topk_logits_through_sharded_broker(ray_cluster, smoke_config)
     """The worker path of issue #7's options: top-2 of 4 classes, the store over 2 shard actors."""
     cfg = smoke_config.replace(**{"steps": ENDLESS, "codistill.topk": 2, "codistill.broker_shards": 2,
                                   "name": "smoke-topk"})
-    result, _ = _until_both_had_teachers(cfg)
+    result, _, _ = _until_all_had_teachers(cfg)
     for counters in result.summary["broker"].values():
         assert counters["hits"] > 0 and counters["rejected"] == {}
         # 2 shards: one call to each per chunk
         assert counters["publications"] >= 2 * 200 // cfg_chunk()
+
+
+def test_three_replicas_with_the_mean_probs_teacher(ray_cluster, smoke_config):
+    """R = 3, each replica distilling from the mean of its two peers' softened probabilities:
+    every replica gets teachers, and `ray-codistill stats` and divergence.parquet hold all three
+    pairs."""
+    cfg = smoke_config.replace(**{"steps": ENDLESS, "replicas": 3, "codistill.teacher_rule": "mean_probs",
+                                  "codistill.temperature": 2.0, "name": "smoke-r3"})
+    result, metrics, shown = _until_all_had_teachers(cfg, ready=lambda s: s["probe_rounds"] >= 1,
+                                                     look=lambda: cli("stats", cfg.name))
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert all(f"replicas {a}-{b}:" in shown.stdout for a, b in pairs)
+    assert sorted(int(line.split()[0]) for line in shown.stdout.splitlines()[2:5]) == [0, 1, 2]
+    summary = result.summary
+    assert summary["num_models"] == 3 and summary["config"]["codistill"]["teacher_rule"] == "mean_probs"
+    assert all(summary["broker"][r]["hits"] > 0 for r in ("0", "1", "2"))
+    assert [(p["replica_a"], p["replica_b"]) for p in summary["final_divergence"]["pairs"]] == pairs
+    assert sorted(summary["prediction_churn"]["pairs"]) == ["0-1", "0-2", "1-2"]
+    div = pd.read_parquet(result.path / "divergence.parquet")
+    assert len(div) >= 3
+    for _, rows in div.groupby("step"):  # every round: all three pairs
+        assert list(zip(rows["replica_a"], rows["replica_b"])) == pairs
+    assert metrics["replica"].nunique() == 3
 
 
 def test_codistillation_pulls_replicas_together(comparison):
