@@ -58,9 +58,9 @@ METHODS = {
 # per model: its overrides, the steps and wall-clock budget of every run, and the validation
 # accuracy whose time is measured (chosen so that every method reaches it unshaped: checked below)
 MODELS = {
-    "cnn": {"overrides": {"model.name": "mnist1d_cnn"}, "steps": 3000, "budget_s": 30.0, "target": 0.80},
+    "cnn": {"overrides": {"model.name": "mnist1d_cnn"}, "steps": 2000, "budget_s": 10.0, "target": 0.80},
     "mlp1m": {"overrides": {"model.name": "mlp", "model.hidden": 1000, "optim.lr": 0.001},
-              "steps": 1500, "budget_s": 45.0, "target": 0.50},
+              "steps": 800, "budget_s": 15.0, "target": 0.50},
 }
 QUICK = {"rates": [None, 10.0], "methods": ["codistill logits", "allreduce", "independent"],
          "steps": {"cnn": 1000, "mlp1m": 300}, "budget_s": {"cnn": 8.0, "mlp1m": 8.0}}
@@ -136,11 +136,14 @@ def figures(folder: Path, method: str, target: float, link: dict) -> dict:
     metrics = pd.read_parquet(folder / "metrics.parquet")
     world = 2 if summary["method"] == "allreduce" else 1
     steady = metrics[metrics["step"] > SKIP_STEPS]
+    if steady.empty:  # a run that never got past the warm-up (all-reduce over a slow link): all its rows
+        steady = metrics
     per_model = steady.groupby("replica")["perf/samples_per_s"].median() / world
-    reached = []
+    reached, reached_step = [], []
     for _, rows in metrics.dropna(subset=["val/acc"]).groupby("replica"):
         hit = rows[rows["val/acc"] >= target]
         reached.append(float(hit["time_s"].iloc[0]) if len(hit) else None)
+        reached_step.append(int(hit["step"].iloc[0]) if len(hit) else None)
     ages = steady["distill/teacher_age"].dropna() if "distill/teacher_age" in steady else pd.Series(dtype=float)
     wall = float(metrics["time_s"].max())
     steps = [r["steps"] for r in summary["replicas"]]
@@ -148,9 +151,10 @@ def figures(folder: Path, method: str, target: float, link: dict) -> dict:
             "steps": float(np.mean(steps)), "steps_per_s": float(np.mean(steps)) / wall,
             # every model must reach the target: the slowest one's time
             "to_target_s": max(reached) if reached and None not in reached else None,
+            "to_target_step": max(reached_step) if reached_step and None not in reached_step else None,
             "test_acc": summary["test_acc_mean"], "teacher_age": float(ages.median()) if len(ages) else None,
             "link_bytes": float(np.mean([b["out"] + b["in"] for b in link.values()])),
-            "budget_reached": summary.get("budget_reached", False)}
+            "budget_reached": summary.get("budget_reached", False), "warm_only": bool(metrics["step"].max() <= SKIP_STEPS)}
 
 
 def run_one(cluster: EmulatedCluster, driver: Driver, out: Path, model: str, method: str, steps: int,
@@ -162,7 +166,7 @@ def run_one(cluster: EmulatedCluster, driver: Driver, out: Path, model: str, met
     folder = driver.run(overrides)
     after = {i: cluster.link_bytes(i) for i in (1, 2)}
     link = {i: {k: after[i][k] - before[i][k] for k in ("out", "in")} for i in (1, 2)}
-    return {"model": model, "rate": rate, "repeat": repeat,
+    return {"model": model, "rate": rate_name(rate), "repeat": repeat,
             **figures(folder, method, MODELS[model]["target"], link)}
 
 
@@ -174,27 +178,30 @@ def medians(runs: pd.DataFrame) -> pd.DataFrame:
     def agg(g: pd.DataFrame) -> pd.Series:
         reached = g["to_target_s"].dropna()
         row = g[["samples_per_s", "wall_s", "steps", "steps_per_s", "test_acc", "teacher_age",
-                 "link_bytes"]].median(numeric_only=True)
-        row["to_target_s"] = reached.median() if len(reached) * 2 > len(g) else None
-        row["reached"] = f"{len(reached)}/{len(g)}"
-        row["repeats"] = len(g)
-        return row
-    keys = ["model", "rate_label", "method"]
-    runs = runs.assign(rate_label=runs["rate"].map(rate_name))
-    return runs.groupby(keys, sort=False).apply(agg, include_groups=False).reset_index()
+                 "link_bytes"]].astype(float).median().to_dict()
+        steps_needed = g["to_target_step"].dropna()
+        row.update(to_target_s=reached.median() if len(reached) * 2 > len(g) else None,
+                   to_target_step=steps_needed.median() if len(steps_needed) else None,
+                   reached=f"{len(reached)}/{len(g)}", repeats=len(g), warm_only=bool(g["warm_only"].any()))
+        return pd.Series(row, dtype=object)
+    return runs.groupby(["model", "rate", "method"], sort=False).apply(agg, include_groups=False).reset_index()
 
 
 def report_table(med: pd.DataFrame, model: str, budget_s: float) -> str:
     rows = []
     sub = med[med["model"] == model]
     for _, r in sub.iterrows():
-        same_link = sub[(sub["rate_label"] == r["rate_label"]) & (sub["method"] == "independent")]
-        unshaped = sub[(sub["rate_label"] == "unshaped") & (sub["method"] == r["method"])]
+        same_link = sub[(sub["rate"] == r["rate"]) & (sub["method"] == "independent")]
+        unshaped = sub[(sub["rate"] == "unshaped") & (sub["method"] == r["method"])]
         util = r["samples_per_s"] / same_link["samples_per_s"].iloc[0] if len(same_link) else float("nan")
         keep = r["samples_per_s"] / unshaped["samples_per_s"].iloc[0] if len(unshaped) else float("nan")
         to_target = seconds(r["to_target_s"], missing=f"> budget ({budget_s:g} s)")
+        needed = unshaped["to_target_step"].iloc[0] if len(unshaped) else None
+        if to_target.startswith(">") and needed is not None and not pd.isna(needed) and r["steps_per_s"] > 0:
+            # the steps this method needed unshaped, at the steps/s it ran here: an estimate, marked so
+            to_target += f", est. {needed / r['steps_per_s']:,.0f} s"
         link_mbit = r["link_bytes"] * 8 / r["wall_s"] / 1e6
-        rows.append([r["rate_label"], r["method"], f"{r['samples_per_s']:,.0f}", f"{util:.2f}", f"{keep:.2f}",
+        rows.append([r["rate"], r["method"], f"{r['samples_per_s']:,.0f}" + ("*" if r["warm_only"] else ""), f"{util:.2f}", f"{keep:.2f}",
                      f"{r['steps']:.0f}", f"{r['steps_per_s']:.1f}", f"{r['wall_s']:.1f}", to_target, r["reached"],
                      f"{100 * r['test_acc']:.1f}",
                      "-" if r["teacher_age"] is None or pd.isna(r["teacher_age"]) else f"{r['teacher_age']:.0f}",
@@ -210,18 +217,18 @@ def plot(med: pd.DataFrame, measured: dict, budgets: dict, path: Path) -> None:
     fig = Figure(figsize=(5.5 * len(models), 8))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, len(models), squeeze=False)
-    x_of = {label: measured[label] for label in measured}
     for col, model in enumerate(models):
         sub = med[med["model"] == model]
         for method, g in sub.groupby("method", sort=False):
-            xs = [x_of[label] for label in g["rate_label"]]
-            axes[0][col].plot(xs, g["samples_per_s"], marker="o", label=method)
+            color = f"C{list(METHODS).index(method)}"  # one colour per method in every panel
+            xs = [measured[label] for label in g["rate"]]
+            axes[0][col].plot(xs, g["samples_per_s"].astype(float), marker="o", color=color, label=method)
             reached = g["to_target_s"].astype(float)
-            line = axes[1][col].plot(xs, reached.fillna(budgets[model]), marker="o", label=method)[0]
+            axes[1][col].plot(xs, reached.fillna(budgets[model]), marker="o", color=color, label=method)
             over = reached.isna().to_numpy()
             if over.any():  # "> budget": drawn at the budget, hollow
                 axes[1][col].plot(np.array(xs)[over], [budgets[model]] * int(over.sum()), marker="o", ls="none",
-                                  mfc="white", mec=line.get_color(), ms=10)
+                                  mfc="white", mec=color, ms=10)
         axes[0][col].set(title=f"{model}: throughput", ylabel="samples/s per worker")
         axes[1][col].set(title=f"{model}: time to target (hollow: > budget)", ylabel="seconds")
         for ax in (axes[0][col], axes[1][col]):
@@ -313,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     print("measured link rates (TCP n1 -> n0 through two shaped links, median over repeats): "
           + ", ".join(f"{label}: {v:,.1f} Mbit/s" for label, v in rate_of.items()))
     for m in MODELS:
-        unshaped = df[(df["model"] == m) & (df["rate"].isna())]
+        unshaped = df[(df["model"] == m) & (df["rate"] == "unshaped")]
         missed = sorted(set(unshaped.loc[unshaped["to_target_s"].isna(), "method"]))
         print(f"\n### {m}: {params[m]:,} parameters; {steps[m]} steps or {budgets[m]:g} s per run; target "
               f"{MODELS[m]['target']:.0%} validation accuracy ("
@@ -322,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report_table(med, m, budgets[m]))
     print("\nutil: samples/s per worker against independent replicas on the same links; vs unshaped: against the "
           "same method unshaped; teacher age: steps between a teacher's making and its use (median over rows); "
-          "bytes/link: both ways, per worker node's link, whole run")
+          "bytes/link: both ways, per worker node's link, whole run; *: the run never got past step "
+          f"{SKIP_STEPS}, so its samples/s include the first steps")
     path = Path(args.plot) if args.plot else out / "bandwidth.png"
     plot(med, rate_of, budgets, path)
     print(f"plot: {path}")
