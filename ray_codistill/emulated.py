@@ -48,7 +48,7 @@ IFNAME = "rcd0"  # the node end of every veth: one GLOO_SOCKET_IFNAME for all no
 STATE_DIR = Path("/tmp/rcd-emulated")  # slot<k>.json: owner pid and what to clean
 LABEL = "emulated-node"
 GCS_PORT = 6379
-UNSHAPED_SIZING_MBIT = 4000  # measure_rate on an unshaped link sends what 4 Gbit/s would carry  # every node has its own network stack, so the default ports never clash
+UNSHAPED_SIZING_MBIT = 4000  # measure_rate on an unshaped link sends what 4 Gbit/s would carry
 
 
 class EmulatedClusterError(RuntimeError):
@@ -479,15 +479,15 @@ import socket, sys, time
 ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); srv.bind((ip, port)); srv.listen(1)
 srv.settimeout(60)
-conn, _ = srv.accept(); got = 0; start = None
+conn, _ = srv.accept(); got = 0; start = None; first = 0
 while got < n:
     chunk = conn.recv(1 << 20)
     if not chunk:
         break
-    if start is None:
-        start = time.perf_counter()
+    if start is None:  # the clock starts at the first read; what it returned had come in before
+        start, first = time.perf_counter(), len(chunk)
     got += len(chunk)
-print(got * 8 / (time.perf_counter() - start) / 1e6)
+print((got - first) * 8 / (time.perf_counter() - start) / 1e6)
 """
 
 _SENDER = """

@@ -54,7 +54,7 @@ def cluster():
     try:
         measured = c.measure_rate(1, 0, seconds=1.5)
         print(f"\n{c.describe()}\nmeasured n1 -> n0: {measured:.1f} Mbit/s (configured {RATE_MBIT:g})")
-        assert 0.8 * RATE_MBIT < measured < 1.05 * RATE_MBIT  # the links are shaped, both tbf at work
+        assert 0.8 * RATE_MBIT < measured < 1.05 * RATE_MBIT, measured  # the links are shaped, both tbf at work
         yield c
     finally:
         c.stop()
@@ -65,17 +65,20 @@ def test_links_are_reshaped_while_the_cluster_runs(cluster):
     then come from the devices' own counters); the fixture's rate is restored after."""
     try:
         cluster.set_rate(20.0)
-        assert 0.8 * 20 < cluster.measure_rate(1, 0, seconds=1.0) < 1.05 * 20
+        slow = cluster.measure_rate(1, 0, seconds=1.0)
+        assert 0.8 * 20 < slow < 1.05 * 20, f"shaped to 20 Mbit/s, measured {slow:.1f}"
         cluster.set_rate(None)
         before = cluster.link_bytes(1)
         fast = cluster.measure_rate(1, 0, seconds=0.5)
         after = cluster.link_bytes(1)
         sent = int(UNSHAPED_SIZING_MBIT * 1e6 / 8 * 0.5)
         print(f"\nunshaped n1 -> n0: {fast:,.0f} Mbit/s")
-        assert fast > 5 * RATE_MBIT and after["out"] - before["out"] >= sent
+        assert fast > 5 * RATE_MBIT, f"unshaped, measured {fast:.1f} Mbit/s"
+        assert after["out"] - before["out"] >= sent, (before, after, sent)
     finally:
         cluster.set_rate(RATE_MBIT)
-    assert 0.8 * RATE_MBIT < cluster.measure_rate(1, 0, seconds=1.0) < 1.05 * RATE_MBIT
+    back = cluster.measure_rate(1, 0, seconds=1.0)
+    assert 0.8 * RATE_MBIT < back < 1.05 * RATE_MBIT, f"shaped to {RATE_MBIT:g} Mbit/s again, measured {back:.1f}"
 
 
 def _all_nodes_up(cluster) -> None:
