@@ -16,7 +16,7 @@ from conftest import CONFIGS, ROOT
 
 SPACE = """
 seeds: [0]
-final_seeds: [0, 1]
+final_seeds: [3]
 groups:
   codistill:
     method: codistill
@@ -46,7 +46,7 @@ def test_tiny_search(ray_cluster, tmp_path):
     stopped = search_rows[search_rows["status"] == "stopped early"]
     assert (stopped["step"] < cfg.steps).all() and stopped["test_acc"].isna().all()
     final = results[results["phase"] == "final"]
-    assert len(final) == 2 + 2 and (final["status"] == "finished").all()  # best of each group x 2 seeds
+    assert len(final) == 2 and (final["status"] == "finished").all()  # the best of each group, on the final seed
     assert results["val_acc"].between(0, 1).all() and final["test_acc"].between(0, 1).all()
     codistill = search_rows[search_rows["group"] == "codistill"]
     assert sorted(zip(codistill["codistill.alpha"], codistill["optim.weight_decay"])) == \
@@ -56,8 +56,9 @@ def test_tiny_search(ray_cluster, tmp_path):
     best = done.loc[done["val_acc"].idxmax()]
     final_codistill = final[final["group"] == "codistill"]
     assert (final_codistill["params"] == best["params"]).all()
-    assert sorted(final_codistill["seed"]) == [0, 1]
-    assert "| codistill |" in table and "| allreduce |" in table
+    assert list(final_codistill["seed"]) == [3] and list(final[final["group"] == "allreduce"]["seed"]) == [3]
+    print(table)
+    assert "| codistill |" in table and "| allreduce |" in table and "nan" not in table
     for name in ("tune.md", "heatmap_codistill.png", "val_acc.png", "train_loss.png"):
         assert (folder / name).stat().st_size > 0
 
