@@ -5,7 +5,10 @@
    and then fetches its peers' logits for another batch, waiting for the answer, through the same
    `BrokerClient` workers use. Latency is the time of that pair; p50 / p99 over every pair after
    warm-up; pairs/s is all pairs done by all actors over the wall time of the slowest.
-   Rows: classes 10 and 1000, R = 2, 4, 8, and broker shards 1, 2, 4.
+   Rows: classes 10 and 1000, R = 2, 4, 8, each teacher rule of `--rules`
+   (`codistill.teacher_rule`: how a fetch makes one teacher of R - 1 peers; `random_peer` reads
+   one peer per chunk, so its work per fetch does not grow with R), and broker shards 1, 2, 4
+   (R = 2, the default rule).
 2. Memory: one replica publishes every sample of a dataset of N samples x 1000 classes into the
    store (dense, or `--topk` largest logits), over 1, 2 or 4 shards; reported are the bytes the
    store holds (exact) and the resident memory of the broker and shard processes (from /proc),
@@ -27,6 +30,7 @@ import pandas as pd
 import ray
 
 from ray_codistill.broker import BrokerClient, start_broker, stop_broker
+from ray_codistill.config import TEACHER_RULES
 from ray_codistill.report import human_bytes, to_markdown
 
 TOKEN = "benchmark"
@@ -57,10 +61,10 @@ class LoadReplica:
         return latencies, time.perf_counter() - start
 
 
-def round_trip(classes: int, replicas: int, shards: int, pairs: int, warmup: int, batch: int,
+def round_trip(classes: int, replicas: int, shards: int, rule: str, pairs: int, warmup: int, batch: int,
                num_train: int) -> dict:
-    name = f"bench-{classes}-{replicas}-{shards}"
-    broker = start_broker(name, replicas, num_train, classes, token=TOKEN, shards=shards)
+    name = f"bench-{classes}-{replicas}-{shards}-{rule}"
+    broker = start_broker(name, replicas, num_train, classes, token=TOKEN, shards=shards, teacher_rule=rule)
     try:
         actors = [LoadReplica.remote(name, r, shards, num_train, classes, batch, warmup + pairs, r)
                   for r in range(replicas)]
@@ -71,7 +75,7 @@ def round_trip(classes: int, replicas: int, shards: int, pairs: int, warmup: int
             ray.kill(a)
     finally:
         stop_broker(broker)
-    return {"logits": f"{batch} x {classes}", "replicas": replicas, "shards": shards,
+    return {"logits": f"{batch} x {classes}", "replicas": replicas, "shards": shards, "teacher rule": rule,
             "p50 ms": np.percentile(lat, 50), "p99 ms": np.percentile(lat, 99),
             "pairs/s": replicas * (warmup + pairs) / wall}
 
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-samples", type=int, nargs="+",
                     help=f"dataset sizes for the memory table (default 128000 {IMAGENET}; quick 128000)")
     ap.add_argument("--topk", type=int, default=10, help="k of the top-k rows of the memory table")
+    ap.add_argument("--rules", nargs="+", default=list(TEACHER_RULES), choices=TEACHER_RULES,
+                    help="teacher rules of the R = 2, 4, 8 rows (default: all)")
     args = ap.parse_args(argv)
     pairs = args.pairs or (200 if args.quick else 1000)
     warmup = max(20, pairs // 10)
@@ -136,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {' '.join([sys.executable.split('/')[-1], *sys.argv])}\n")
 
     rows = []
-    grid = [(10, r, 1) for r in (2, 4, 8)] + [(1000, r, 1) for r in (2, 4, 8)]
-    grid += [(c, 2, s) for c in (10, 1000) for s in (2, 4)]
-    for classes, replicas, shards in grid:
-        rows.append(round_trip(classes, replicas, shards, pairs, warmup, args.batch, args.num_train))
-        print(f"  done: {rows[-1]['logits']}, {replicas} replicas, {shards} shard(s)", file=sys.stderr, flush=True)
+    default = TEACHER_RULES[0]
+    grid = [(c, r, 1, rule) for c in (10, 1000) for rule in args.rules for r in (2, 4, 8)]
+    grid += [(c, 2, s, default) for c in (10, 1000) for s in (2, 4)]
+    for classes, replicas, shards, rule in grid:
+        rows.append(round_trip(classes, replicas, shards, rule, pairs, warmup, args.batch, args.num_train))
+        print(f"  done: {rows[-1]['logits']}, {replicas} replicas, {shards} shard(s), {rule}",
+              file=sys.stderr, flush=True)
     table = pd.DataFrame(rows)
     for col in ("p50 ms", "p99 ms"):
         table[col] = table[col].map(lambda v: f"{v:.2f}")
