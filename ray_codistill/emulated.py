@@ -47,7 +47,7 @@ MAX_SLOTS = 8
 IFNAME = "rcd0"  # the node end of every veth: one GLOO_SOCKET_IFNAME for all nodes
 STATE_DIR = Path("/tmp/rcd-emulated")  # slot<k>.json: owner pid and what to clean
 LABEL = "emulated-node"
-GCS_PORT = 6379
+GCS_PORT = 6379  # every node has its own network stack, so the default ports never clash
 UNSHAPED_SIZING_MBIT = 4000  # measure_rate on an unshaped link sends what 4 Gbit/s would carry
 
 
