@@ -202,11 +202,15 @@ def search(base: ExperimentConfig, space: SearchSpace, samples: int = 1, schedul
         _check_state_api()
     frames = []
     for group in space.groups:
-        grid = {k: _domain(v) for k, v in group.params.items()}
-        frames.append(_tune(base, group, {**grid, "seed": _domain({"grid": space.seeds})}, "search", folder,
-                            samples, scheduler, max_concurrent))
-        best = _best(frames[-1], group)
-        say(f"tune {group.name}: best by validation accuracy: {best}")
+        best = _only_configuration(group)
+        if best is None:
+            grid = {k: _domain(v) for k, v in group.params.items()}
+            frames.append(_tune(base, group, {**grid, "seed": _domain({"grid": space.seeds})}, "search", folder,
+                                samples, scheduler, max_concurrent))
+            best = _best(frames[-1], group)
+            say(f"tune {group.name}: best by validation accuracy: {best}")
+        else:  # nothing to choose between: straight to the re-runs
+            say(f"tune {group.name}: one configuration, no search: {best}")
         frames.append(_tune(base, group, {**best, "seed": _domain({"grid": space.final_seeds})}, "final", folder,
                             1, "none", max_concurrent))
     results = pd.concat(frames, ignore_index=True)
@@ -235,12 +239,27 @@ def _check_state_api() -> None:
             f"ray[default]) or use --scheduler none ({err})") from err
 
 
+def _only_configuration(group: Group) -> dict | None:
+    """The group's parameters when they allow a single configuration (fixed values, grids and
+    choices of one value), else None."""
+    fixed = {}
+    for key, value in group.params.items():
+        if isinstance(value, dict):
+            (dist, args), = value.items()
+            if dist not in ("grid", "choice") or len(args) != 1:
+                return None
+            value = args[0]
+        fixed[key] = value
+    return fixed
+
+
 def _best(rows: pd.DataFrame, group: Group) -> dict:
-    """The finished configuration with the best mean validation accuracy over the search seeds."""
+    """The finished configuration with the best mean validation accuracy over the search seeds;
+    among equals (a small validation set ties often) the first in the search's (grid) order."""
     done = rows[rows["status"] == "finished"]
     if done.empty:
         raise launcher.RunError(f"tune {group.name}: no search trial finished; see the Tune output above")
-    return json.loads(done.groupby("params")["val_acc"].mean().idxmax())
+    return json.loads(done.groupby("params", sort=False)["val_acc"].mean().idxmax())
 
 
 # -- report --------------------------------------------------------------------------------------
