@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -368,6 +370,12 @@ class Broker:
         """Bytes held for teachers: in the broker's own store and in each shard."""
         return {"broker": self.store.nbytes(), "shards": ray.get([s.nbytes.remote() for s in self.shards])}
 
+    def memory(self) -> dict:
+        """Teacher bytes held (broker and shards) and the broker process's peak resident memory."""
+        held = self.nbytes()
+        return {"teacher_bytes": held["broker"] + sum(held["shards"]),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # kB on Linux
+
 
 def _node_here() -> dict | None:
     """The Ray node this process runs on (None outside Ray, e.g. a broker built in a unit test)."""
@@ -473,6 +481,9 @@ class BrokerClient:
                  shards: int = 1) -> None:
         self.replica, self.rank, self.token = replica, rank, token
         self.timeout_s = timeout_s
+        # seconds from asking for teachers to the answer's arrival, one entry per answered fetch,
+        # taken by a callback: the worker is training meanwhile, nothing waits to measure them
+        self.fetch_s: list[float] = []
         self.handle = get_broker(experiment)
         self.shards = [ray.get_actor(shard_name(experiment, s), namespace=NAMESPACE)
                        for s in range(shards)] if shards > 1 else []
@@ -505,14 +516,39 @@ class BrokerClient:
     def fetch_async(self, indices: np.ndarray, step: int = 0):
         """Ask for the teachers of `indices`, a chunk whose first step is `step`."""
         if not self.shards:
-            return self._call("fetch", indices, step)
+            return self._timed([self._call("fetch", indices, step)])[0]
         owner = indices % len(self.shards)
         sels = [owner == s for s in range(len(self.shards))]
-        return _ShardedAnswer(indices.size, [(sel, self._remote(shard.fetch, indices[sel], step))
-                                             for sel, shard in zip(sels, self.shards) if sel.any()])
+        parts = [(sel, self._remote(shard.fetch, indices[sel], step)) for sel, shard in zip(sels, self.shards)
+                 if sel.any()]
+        self._timed([r for _, r in parts])
+        return _ShardedAnswer(indices.size, parts)
 
     def fetch_weights_async(self):
-        return self._call("get_weights")
+        return self._timed([self._call("get_weights")])[0]
+
+    def _timed(self, refs: list) -> list:
+        """Record in `fetch_s` when the last of `refs` (one fetch's calls) has answered."""
+        if not refs or any(r is None for r in refs):
+            return refs
+        asked, left, lock = time.perf_counter(), {"calls": len(refs), "failed": False}, threading.Lock()
+
+        def done(future) -> None:  # on a Ray thread, when that call's answer has arrived
+            with lock:
+                left["calls"] -= 1
+                left["failed"] |= future.cancelled() or future.exception() is not None
+                if left["calls"] == 0 and not left["failed"]:
+                    self.fetch_s.append(time.perf_counter() - asked)
+
+        for r in refs:
+            r.future().add_done_callback(done)
+        return refs
+
+    def fetch_latency(self) -> dict:
+        """p50 and p99 of the answered fetches' round trips, in milliseconds, and their count."""
+        ms = np.asarray(self.fetch_s) * 1e3
+        p50, p99 = np.percentile(ms, [50, 99]).tolist() if ms.size else (None, None)
+        return {"fetch_ms_p50": p50, "fetch_ms_p99": p99, "fetches": int(ms.size)}
 
     def resolve(self, ref, timeout_s: float | None = None) -> Any | None:
         """The answer of an earlier async call, or None when it is late or failed."""

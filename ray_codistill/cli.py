@@ -45,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=["asha", "none"], default="none", help="ASHA early stopping or none")
     p.add_argument("--max-concurrent", type=int, metavar="N",
                    help="at most N trials at once (default: as many as the cluster's CPUs hold)")
+    p.add_argument("--replicas", type=int, nargs="+", metavar="R",
+                   help="search once per R (e.g. 2 3 4 8), then a table and a plot against R "
+                        "(tuning/spaces/replicas.yaml; README, \"More than two replicas\")")
+    p.add_argument("--cpus", type=float, default=2.0,
+                   help="with --replicas: CPUs one experiment uses at any R (cpus / R per worker; default 2)")
 
     p = sub.add_parser("stats", help="live divergence and exchange statistics of a running experiment")
     p.add_argument("name", help="experiment name")
@@ -115,6 +120,18 @@ def cmd_report(args) -> int:
 def cmd_tune(args) -> int:
     from ray_codistill.tune import load_space, search
     cfg = _load(args)
+    if args.replicas:
+        from ray_codistill.scaling import PLOT, study
+        if args.samples != 1 or args.scheduler != "none":
+            from ray_codistill.errors import ConfigError
+            raise ConfigError("--replicas runs grid searches without a scheduler: drop --samples and --scheduler")
+        table, folder = study(cfg, load_space(args.space, cfg), args.replicas, args.cpus, address=args.address,
+                              overwrite=args.overwrite, max_concurrent=args.max_concurrent)
+        _detach()
+        print(f"plot: {folder / PLOT}")
+        print(f"results: {folder}")
+        print(table)
+        return 0
     table, folder = search(cfg, load_space(args.space, cfg), samples=args.samples, scheduler=args.scheduler,
                            address=args.address, overwrite=args.overwrite, max_concurrent=args.max_concurrent)
     _detach()

@@ -244,8 +244,9 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
                 if f.exception() is not None:
                     errors[r] = f.exception()
         broker.set_status.remote("finished")
-        rows, final, stats, divergence = ray.get([broker.rows.remote(), broker.final.remote(),
-                                                  broker.stats.remote(), broker.divergence.remote()])
+        rows, final, stats, divergence, memory = ray.get([
+            broker.rows.remote(), broker.final.remote(), broker.stats.remote(), broker.divergence.remote(),
+            broker.memory.remote()])
     finally:
         stop_broker(broker)
     wall = time.time() - started
@@ -254,7 +255,7 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     write_parquet(folder / "metrics.parquet", metrics)
     if divergence:
         write_parquet(folder / "divergence.parquet", _tag(cfg, pd.DataFrame(divergence), ["step", "replica_a"]))
-    summary = _summary(cfg, final, stats, wall, errors)
+    summary = {**_summary(cfg, final, stats, wall, errors), "broker_memory": memory}
     write_json(folder / "summary.json", summary)
     if errors:
         for r, err in sorted(errors.items()):

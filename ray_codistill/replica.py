@@ -493,7 +493,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         val = last_val if fresh else evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
         test = evaluate(unwrap(model), splits.test, cfg.eval_batch_size, device, want_probs=True)
         result.update(val_acc=val["acc"], val_loss=val["loss"], test_acc=test["acc"], test_loss=test["loss"],
-                      allreduce_bytes=counter.bytes * world)
+                      allreduce_bytes=counter.bytes * world, **client.fetch_latency())
         # waits through a broker restart: the result must reach the driver
         if not client.call("finish", result, test["probs"], test["labels"], timeout_s=FINISH_TIMEOUT_S):
             raise RuntimeError(f"replica {replica}: the broker did not take the final result")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -69,12 +70,24 @@ def _float_or_nan(x) -> float:
     return math.nan if x is None else float(x)
 
 
+def _mean_or_nan(xs: list) -> float:
+    xs = [float(x) for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else math.nan
+
+
+def _median_or_nan(xs: list) -> float:
+    xs = [float(x) for x in xs if x is not None]
+    return float(statistics.median(xs)) if xs else math.nan
+
+
 def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
     """One row per experiment, from each folder's `summary.json`.
 
     Columns: experiment, method, seed, num_models, test_acc (the replicas' mean test accuracy),
     ensemble_test_acc (NaN for a single model), best_replica_acc, wall_time_s, bytes_exchanged,
-    allreduce_bytes, group (the method: rows are aggregated per group).
+    allreduce_bytes, churn, disagreement (final probe round, mean over pairs), fetch_ms_p50,
+    fetch_ms_p99, broker_peak_rss_bytes, broker_teacher_bytes, group (the method: rows are
+    aggregated per group).
     """
     rows = []
     for d in dirs:
@@ -94,6 +107,14 @@ def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
                 "bytes_exchanged": s.get("bytes_exchanged", 0),
                 "allreduce_bytes": s.get("allreduce_bytes", 0),
                 "churn": _float_or_nan((s.get("prediction_churn") or {}).get("mean")),
+                "disagreement": _mean_or_nan([p["disagreement"] for p in (s.get("final_divergence") or {}).get(
+                    "pairs", [])]),
+                # the replicas' own fetch round trips: the median of their p50s, the worst p99
+                "fetch_ms_p50": _median_or_nan([r.get("fetch_ms_p50") for r in replicas]),
+                "fetch_ms_p99": max([r["fetch_ms_p99"] for r in replicas if r.get("fetch_ms_p99") is not None],
+                                    default=math.nan),
+                "broker_peak_rss_bytes": _float_or_nan((s.get("broker_memory") or {}).get("peak_rss_bytes")),
+                "broker_teacher_bytes": _float_or_nan((s.get("broker_memory") or {}).get("teacher_bytes")),
                 "group": s["method"],
             }
         )

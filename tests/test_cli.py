@@ -57,3 +57,12 @@ def test_resume_of_an_unknown_experiment_is_a_config_error(tmp_path):
 def test_report_of_nothing_fails_clearly(tmp_path):
     out = _cli("report", str(tmp_path))
     assert out.returncode == 1 and "error" in out.stderr
+
+
+@pytest.mark.parametrize("extra, says", [(["--replicas", "1", "2"], "replicas"),
+                                         (["--replicas", "2", "--samples", "2"], "--samples")])
+def test_a_bad_replicas_study_is_refused_before_it_starts(extra, says, tmp_path):
+    out = _cli("tune", str(CONFIGS / "smoke.yaml"), "--space", str(ROOT / "tuning" / "spaces" / "replicas.yaml"),
+               "--storage", str(tmp_path), *extra)
+    assert out.returncode == 2 and says in out.stderr, out.stderr
+    assert not any(tmp_path.iterdir())

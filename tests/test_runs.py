@@ -15,7 +15,7 @@ import pytest
 from ray_codistill import launcher
 from ray_codistill.compare import compare
 from ray_codistill.config import load_config
-from ray_codistill.report import report
+from ray_codistill.report import load_summaries, report
 
 from conftest import CONFIGS
 from live import ENDLESS, LiveRun, cli
@@ -147,6 +147,15 @@ def test_codistill_topk_logits_through_sharded_broker(ray_cluster, smoke_config)
         assert counters["hits"] > 0 and counters["rejected"] == {}
         # 2 shards: one call to each per chunk
         assert counters["publications"] >= 2 * 200 // cfg_chunk()
+    _assert_fetches_timed(result.summary)
+
+
+def _assert_fetches_timed(summary: dict) -> None:
+    """Every replica timed its fetches' round trips; the broker reported its memory."""
+    for rep in summary["replicas"]:
+        assert rep["fetches"] > 0 and rep["fetch_ms_p99"] >= rep["fetch_ms_p50"] > 0
+    assert summary["broker_memory"]["teacher_bytes"] > 0
+    assert summary["broker_memory"]["peak_rss_bytes"] > summary["broker_memory"]["teacher_bytes"]
 
 
 def test_three_replicas_with_the_mean_probs_teacher(ray_cluster, smoke_config):
@@ -171,6 +180,10 @@ def test_three_replicas_with_the_mean_probs_teacher(ray_cluster, smoke_config):
     for _, rows in div.groupby("step"):  # every round: all three pairs
         assert list(zip(rows["replica_a"], rows["replica_b"])) == pairs
     assert metrics["replica"].nunique() == 3
+    _assert_fetches_timed(summary)
+    row = load_summaries([result.path]).iloc[0]  # what the R study tabulates
+    assert row["fetch_ms_p99"] >= row["fetch_ms_p50"] > 0 and 0 <= row["disagreement"] <= 1
+    assert row["broker_teacher_bytes"] == summary["broker_memory"]["teacher_bytes"]
 
 
 def test_codistillation_pulls_replicas_together(comparison):

@@ -1,0 +1,122 @@
+"""Accuracy and cost against the number of replicas R (`ray-codistill tune --replicas 2 3 4 8`).
+
+One Tune search per R over the same space file (tuning/spaces/replicas.yaml: each teacher rule's
+distillation weight, all-reduce's learning rate; chosen on validation, the best re-run with the
+final seeds), every experiment with the same per-worker batch and steps. Each experiment gets
+`cpus / R` CPUs per worker, so one experiment of any R fits on the same CPUs and R = 8 runs on a
+2-core machine. Then one table against R (`scaling.md`, `scaling.parquet`) and a plot of test
+accuracy against R (`accuracy_vs_r.png`), one line per group, error bars over seeds.
+
+A search folder that already holds its `tune.parquet` is read, not run again (`--overwrite` runs
+it again): an interrupted study goes on from the R it had not finished.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ray_codistill import report, tune
+from ray_codistill.config import ExperimentConfig
+from ray_codistill.console import say
+from ray_codistill.errors import ConfigError
+from ray_codistill.launcher import write_parquet
+
+PLOT = "accuracy_vs_r.png"
+
+
+def config_at(base: ExperimentConfig, r: int, cpus: float) -> ExperimentConfig:
+    """The base config with R replicas (R workers for all-reduce), sharing `cpus` CPUs."""
+    return base.replace(name=f"{base.name}-r{r}", replicas=r,
+                        cpus_per_worker=round(cpus / (r * base.workers_per_replica), 6))
+
+
+def study(base: ExperimentConfig, space: tune.SearchSpace, rs: list[int], cpus: float,
+          address: str | None = None, overwrite: bool = False,
+          max_concurrent: int | None = None) -> tuple[str, Path]:
+    """Search at every R, then tabulate and plot the re-runs against R. Returns (table, folder)."""
+    if not rs or any(r < 2 for r in rs):
+        raise ConfigError(f"replicas: got {rs}, need values >= 2 (codistillation needs a peer)")
+    if cpus <= 0:
+        raise ConfigError(f"cpus: got {cpus}, must be > 0")
+    out = Path(base.storage_path).resolve() / base.name
+    frames = []
+    for r in rs:
+        cfg = config_at(base, r, cpus)
+        folder = Path(cfg.storage_path).resolve() / cfg.name
+        if (folder / "tune.parquet").exists() and not overwrite:
+            say(f"R = {r}: reading the finished search in {folder}")
+        else:
+            say(f"R = {r}: searching ({cfg.cpus_per_worker:g} CPU per worker)")
+            tune.search(cfg, space, address=address, overwrite=True, max_concurrent=max_concurrent)
+        frames.append(reruns(pd.read_parquet(folder / "tune.parquet"), r))
+    rows = pd.concat(frames, ignore_index=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(out / "scaling.parquet", rows)
+    table = report.to_markdown(scaling_table(rows))
+    (out / "scaling.md").write_text(table)
+    plot_accuracy(rows, out / PLOT)
+    return table, out
+
+
+def reruns(results: pd.DataFrame, r: int) -> pd.DataFrame:
+    """One row per finished re-run of a search: its group, chosen parameters and summary figures."""
+    final = results[(results["phase"] == "final") & (results["status"] == "finished")]
+    summaries = report.load_summaries(final["path"])
+    summaries = summaries.drop(columns=["group"]).assign(
+        replicas=r, group=final["group"].to_numpy(), params=final["params"].to_numpy(),
+        val_acc=final["val_acc"].to_numpy())
+    return summaries
+
+
+def _chosen(params: str) -> str:
+    """The chosen values, without those fixed for the whole group (e.g. the teacher rule)."""
+    return ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in json.loads(params).items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)) or report.DASH
+
+
+def scaling_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per R and group: the chosen parameters and mean ± std (over seeds) of the figures."""
+    out = []
+    for (r, group), g in rows.groupby(["replicas", "group"], sort=False):
+        single = (g["method"] == "allreduce").all()
+        out.append({
+            "R": r, "group": group, "chosen": _chosen(g["params"].iloc[0]), "seeds": len(g),
+            "test acc": report.pct_mean_std(g["test_acc"]),
+            "ensemble acc": report.DASH if single else report.pct_mean_std(g["ensemble_test_acc"]),
+            "disagreement": report.DASH if single else report.pct_mean_std(g["disagreement"]),
+            "churn": report.DASH if single else report.pct_mean_std(g["churn"]),
+            "wall time (s)": f"{g['wall_time_s'].median():.0f}",
+            "fetch p50 / p99 (ms)": report.DASH if g["fetch_ms_p50"].isna().all() else
+            f"{g['fetch_ms_p50'].median():.1f} / {g['fetch_ms_p99'].median():.1f}",
+            "broker peak RSS": report.DASH if g["broker_peak_rss_bytes"].isna().all() else
+            report.human_bytes(g["broker_peak_rss_bytes"].median()),
+        })
+    return pd.DataFrame(out).sort_values(["group", "R"], kind="stable")
+
+
+def plot_accuracy(rows: pd.DataFrame, path: Path) -> Path:
+    """Replica test accuracy (solid) and ensemble accuracy (dashed) against R, per group."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, column, title in ((axes[0], "test_acc", "mean replica test accuracy"),
+                              (axes[1], "ensemble_test_acc", "ensemble test accuracy")):
+        for group, g in rows.groupby("group", sort=False):
+            stats = (g.groupby("replicas")[column].agg(["mean", "std"]) * 100).dropna(subset=["mean"])
+            if not stats.empty:
+                ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
+                            label=group)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(rows["replicas"].unique()), [str(r) for r in sorted(rows["replicas"].unique())])
+        ax.set_xlabel("replicas R")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend()
+    fig.savefig(path, dpi=120)
+    return path
