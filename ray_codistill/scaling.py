@@ -14,6 +14,7 @@ it again): an interrupted study goes on from the R it had not finished.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -29,8 +30,9 @@ PLOT = "accuracy_vs_r.png"
 
 def config_at(base: ExperimentConfig, r: int, cpus: float) -> ExperimentConfig:
     """The base config with R replicas (R workers for all-reduce), sharing `cpus` CPUs."""
-    return base.replace(name=f"{base.name}-r{r}", replicas=r,
-                        cpus_per_worker=round(cpus / (r * base.workers_per_replica), 6))
+    # rounded down to Ray's resource precision (1e-4): 3 x 0.666667 would ask for more than 2
+    per_worker = math.floor(cpus / (r * base.workers_per_replica) * 1e4) / 1e4
+    return base.replace(name=f"{base.name}-r{r}", replicas=r, cpus_per_worker=per_worker)
 
 
 def study(base: ExperimentConfig, space: tune.SearchSpace, rs: list[int], cpus: float,
@@ -94,7 +96,10 @@ def scaling_table(rows: pd.DataFrame) -> pd.DataFrame:
             "broker peak RSS": report.DASH if g["broker_peak_rss_bytes"].isna().all() else
             report.human_bytes(g["broker_peak_rss_bytes"].median()),
         })
-    return pd.DataFrame(out).sort_values(["group", "R"], kind="stable")
+    table = pd.DataFrame(out)
+    first = {g: i for i, g in enumerate(dict.fromkeys(rows["group"]))}  # the space file's order
+    return table.sort_values(["group", "R"], key=lambda c: c.map(first) if c.name == "group" else c,
+                             kind="stable")
 
 
 def plot_accuracy(rows: pd.DataFrame, path: Path) -> Path:
@@ -106,11 +111,11 @@ def plot_accuracy(rows: pd.DataFrame, path: Path) -> Path:
     axes = fig.subplots(1, 2, sharey=True)
     for ax, column, title in ((axes[0], "test_acc", "mean replica test accuracy"),
                               (axes[1], "ensemble_test_acc", "ensemble test accuracy")):
-        for group, g in rows.groupby("group", sort=False):
+        for i, (group, g) in enumerate(rows.groupby("group", sort=False)):  # one colour per group in both
             stats = (g.groupby("replicas")[column].agg(["mean", "std"]) * 100).dropna(subset=["mean"])
             if not stats.empty:
                 ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
-                            label=group)
+                            label=group, color=f"C{i}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(rows["replicas"].unique()), [str(r) for r in sorted(rows["replicas"].unique())])
         ax.set_xlabel("replicas R")

@@ -54,7 +54,8 @@ def test_every_r_shares_the_same_cpus():
     for r in (2, 3, 8):
         cfg = config_at(base, r, cpus=2.0)
         assert cfg.replicas == r and cfg.name == f"mnist1d-r{r}"
-        assert cfg.cpus_per_worker * r * cfg.workers_per_replica == pytest.approx(2.0)
+        held = cfg.cpus_per_worker * r * cfg.workers_per_replica
+        assert held <= 2.0 and held == pytest.approx(2.0, abs=1e-3)  # never more than the CPUs given
         assert cfg.batch_size == base.batch_size and cfg.steps == base.steps
 
 
