@@ -54,7 +54,7 @@ def _start_head() -> tuple[subprocess.Popen, dict, str]:
 def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)  # --block: the head takes its Ray processes down with it
-        proc.wait(timeout=60)
+        proc.wait(timeout=5)  # a graceful stop takes it about 30 s; nothing here needs one
     except ProcessLookupError:
         pass
     except subprocess.TimeoutExpired:

@@ -22,7 +22,7 @@ groups:
     method: codistill
     params:
       codistill.alpha: {grid: [0.5, 1.0]}
-      optim.weight_decay: {grid: [0.0, 1.0e-3]}
+      optim.weight_decay: {grid: [0.0]}
   allreduce:
     method: allreduce
     params:
@@ -39,7 +39,7 @@ def test_tiny_search(ray_cluster, tmp_path):
     table, folder = search(cfg, load_space(space_file, cfg), scheduler="asha")
     results = pd.read_parquet(folder / "tune.parquet")
     search_rows = results[results["phase"] == "search"]
-    assert len(search_rows) == 4 + 1  # one row per trial: 2 x 2 codistill grid, 1 allreduce random draw
+    assert len(search_rows) == 2 + 1  # one row per trial: 2 x 1 codistill grid, 1 allreduce random draw
     drawn = search_rows.loc[search_rows["group"] == "allreduce", "optim.lr"].iloc[0]
     assert 0.002 <= drawn <= 0.005 and drawn != cfg.optim.lr
     assert set(search_rows["status"]) <= {"finished", "stopped early"}
@@ -49,8 +49,7 @@ def test_tiny_search(ray_cluster, tmp_path):
     assert len(final) == 2 and (final["status"] == "finished").all()  # the best of each group, on the final seed
     assert results["val_acc"].between(0, 1).all() and final["test_acc"].between(0, 1).all()
     codistill = search_rows[search_rows["group"] == "codistill"]
-    assert sorted(zip(codistill["codistill.alpha"], codistill["optim.weight_decay"])) == \
-        [(0.5, 0.0), (0.5, 1e-3), (1.0, 0.0), (1.0, 1e-3)]
+    assert sorted(zip(codistill["codistill.alpha"], codistill["optim.weight_decay"])) == [(0.5, 0.0), (1.0, 0.0)]
     # the re-runs use the finished configuration with the best validation accuracy (the first in
     # grid order among equals: 160 validation samples after 100 steps often tie), and the final seeds
     done = codistill[codistill["status"] == "finished"]
