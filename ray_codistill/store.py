@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 
 import numpy as np
 import ray
 
 AGE_WINDOW = 65536  # recent teacher ages kept per replica for the percentiles
+SERVE_WINDOW = 4096  # recent fetch service times kept per replica for the percentiles
 TOPK_FILL = -1.0e4  # logit of the classes outside a sample's top-k (exp(-1e4) is 0 in float32)
 
 
@@ -54,6 +56,10 @@ class Counters:
         self.rejected: dict[str, int] = {}  # reason -> count
         self._ages = np.zeros(AGE_WINDOW, dtype=np.int64)
         self._n_ages = 0
+        # seconds the store took to answer each recent fetch (its share of one, in a shard): the
+        # broker's own work, without the queue in front of it and the trip to and from the worker
+        self._serve = np.zeros(SERVE_WINDOW, dtype=np.float64)
+        self._n_serve = 0
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -72,6 +78,15 @@ class Counters:
     def ages(self) -> np.ndarray:
         return self._ages[:min(self._n_ages, AGE_WINDOW)]
 
+    def add_serve(self, seconds) -> None:
+        """Record fetch service times (one, or an array), oldest first."""
+        seconds = np.atleast_1d(np.asarray(seconds, dtype=np.float64))[-SERVE_WINDOW:]
+        self._serve[(self._n_serve + np.arange(seconds.size)) % SERVE_WINDOW] = seconds
+        self._n_serve += seconds.size
+
+    def serve_times(self) -> np.ndarray:
+        return self._serve[:min(self._n_serve, SERVE_WINDOW)]
+
     @classmethod
     def merged(cls, parts: list["Counters"]) -> "Counters":
         """One replica's counters over the broker and its shards."""
@@ -83,17 +98,21 @@ class Counters:
                 out.rejected[reason] = out.rejected.get(reason, 0) + n
             out.add_ages(part.ages())
             out.age_max = max(out.age_max, part.age_max)
+            out.add_serve(part.serve_times())
         return out
 
     def as_dict(self) -> dict:
         ages = self.ages()
         p50, p95 = (np.percentile(ages, [50, 95]).tolist() if ages.size else (None, None))
         served = self.hits + self.misses
+        serve = self.serve_times() * 1e3
+        serve_p50, serve_p99 = np.percentile(serve, [50, 99]).tolist() if serve.size else (None, None)
         return {
             "publications": self.publications, "fetches": self.fetches,
             "hits": self.hits, "misses": self.misses,
             "hit_rate": self.hits / served if served else None,
             "age_p50": p50, "age_p95": p95, "age_max": self.age_max if ages.size else None,
+            "serve_ms_p50": serve_p50, "serve_ms_p99": serve_p99,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "rejected": dict(self.rejected),
         }
 
@@ -205,7 +224,9 @@ class TeacherStore:
         The teacher is None when no peer has published anything for these samples yet.
         Age is counted in the teacher's own steps (its newest step minus the step the stored
         logits came from), averaged over the peers that answer for the sample; -1 where masked.
+        The time this takes is recorded in the asking replica's counters (`serve_ms_p50/p99`).
         """
+        started = time.perf_counter()
         indices = np.asarray(indices)
         if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or (indices.size and (
                 indices.min() < 0 or indices.max() >= self.num_train or np.any(indices % self.num_shards != self.shard))):
@@ -243,6 +264,7 @@ class TeacherStore:
         c.add_ages(age[mask])
         c.bytes_in += indices.nbytes
         c.bytes_out += (teacher.nbytes if teacher is not None else 0) + mask.nbytes + age.nbytes
+        c.add_serve(time.perf_counter() - started)
         return teacher, mask, age
 
     def _dense(self, peer: int, local: np.ndarray) -> np.ndarray:

@@ -151,9 +151,12 @@ def test_codistill_topk_logits_through_sharded_broker(ray_cluster, smoke_config)
 
 
 def _assert_fetches_timed(summary: dict) -> None:
-    """Every replica timed its fetches' round trips; the broker reported its memory."""
+    """Every replica timed its fetches' round trips, the broker (or its shards) the time it took
+    to answer them; the broker reported its memory."""
     for rep in summary["replicas"]:
         assert rep["fetches"] > 0 and rep["fetch_ms_p99"] >= rep["fetch_ms_p50"] > 0
+        broker = summary["broker"][str(rep["replica"])]
+        assert broker["serve_ms_p99"] >= broker["serve_ms_p50"] > 0
     assert summary["broker_memory"]["teacher_bytes"] > 0
     assert summary["broker_memory"]["peak_rss_bytes"] > summary["broker_memory"]["teacher_bytes"]
 
@@ -183,6 +186,7 @@ def test_three_replicas_with_the_mean_probs_teacher(ray_cluster, smoke_config):
     _assert_fetches_timed(summary)
     row = load_summaries([result.path]).iloc[0]  # what the R study tabulates
     assert row["fetch_ms_p99"] >= row["fetch_ms_p50"] > 0 and 0 <= row["disagreement"] <= 1
+    assert row["serve_ms_p99"] >= row["serve_ms_p50"] > 0
     assert row["broker_teacher_bytes"] == summary["broker_memory"]["teacher_bytes"]
 
 

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from ray_codistill.broker import BrokerClient, start_broker, stop_broker
-from ray_codistill.store import TOPK_FILL, TeacherStore, draw_peer
+from ray_codistill.store import SERVE_WINDOW, TOPK_FILL, Counters, TeacherStore, draw_peer
 
 TOKEN = "store-token"
 N, C = 200, 12
@@ -129,6 +129,32 @@ def test_random_peer_reads_one_peer_per_fetch_whatever_r(monkeypatch):
         store.fetch(0, np.arange(32), 7)
         assert sorted(reads) == list(range(1, replicas))
         reads.clear()
+
+
+def test_each_answered_fetch_records_its_service_time():
+    store = _constant_peers(3)
+    assert store.counters[0].as_dict()["serve_ms_p50"] is None  # nothing answered yet
+    store.fetch(0, np.arange(-1, 3))  # refused (index out of range): not an answer, not timed
+    assert store.counters[0].serve_times().size == 0
+    for step in range(5):
+        store.fetch(0, np.arange(32), step)
+    times = store.counters[0].serve_times()
+    assert times.size == 5 and (times > 0).all() and store.counters[1].serve_times().size == 0
+    c = store.counters[0].as_dict()
+    assert c["serve_ms_p99"] >= c["serve_ms_p50"] > 0
+    assert c["serve_ms_p50"] == pytest.approx(np.median(times) * 1e3)
+
+
+def test_service_times_keep_a_window_and_merge_over_shards():
+    a, b = Counters(), Counters()
+    a.add_serve(np.arange(SERVE_WINDOW + 10) + 1.0)  # more than the window: the oldest 10 go
+    assert a.serve_times().size == SERVE_WINDOW and a.serve_times().min() == 11.0
+    b.add_serve(0.5)
+    b.add_serve(np.array([1.5, 2.5]))
+    assert sorted(b.serve_times()) == [0.5, 1.5, 2.5]
+    merged = Counters.merged([b, b])
+    assert sorted(merged.serve_times()) == [0.5, 0.5, 1.5, 1.5, 2.5, 2.5]
+    assert merged.as_dict()["serve_ms_p50"] == pytest.approx(1500.0)
 
 
 def test_random_peer_draws_among_peers_that_published_and_misses_what_its_peer_lacks():

@@ -1,0 +1,129 @@
+"""Teacher fetch latency in real codistillation runs against R (prints a table; asserts nothing).
+
+Each run is a whole `ray_codistill.launcher.run` of the base config (MNIST-1D, 6,000 steps, batch
+100 per replica: issue #14's study) with R replicas sharing `--cpus` CPUs, repeated with seeds
+0, 1, ... and interleaved (R = 2, R = 8, R = 2, ...). For each run:
+
+- **round trip** (`fetch_ms_p50/p99` in `summary.json`): timed by each worker from asking for a
+  chunk's teachers to its callback seeing the answer, while it trains on. It holds the broker's
+  work, the queue in front of the broker, Ray's two messages, and the time the worker process
+  takes to run the callback (it needs a core and the GIL, which its training loop holds);
+- **serve** (`serve_ms_p50/p99` in the broker's counters): the broker's own time computing the
+  answer (`TeacherStore.fetch`), the part the teacher rule decides;
+- the broker's peak resident memory.
+
+`--control` adds R = 2 runs beside `max(R) - 2` busy processes (bounded spin loops, ended with
+the run): as many compute-bound processes on the cores as at the largest R, but the broker
+serving 2 replicas. If its round trip is close to the largest R's, the round trip measures the
+cores' contention rather than the broker's work.
+
+    python benchmarks/fetch_latency.py [--replicas 2 8] [--rules random_peer] [--repeats 3] [--control]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Clock, command, load_average, machine, run_experiment, start_ray, table, temp_root  # noqa: E402
+
+from ray_codistill import report, scaling  # noqa: E402
+from ray_codistill.config import TEACHER_RULES, load_config  # noqa: E402
+
+SPIN = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+@contextlib.contextmanager
+def busy(n: int, max_s: float):
+    """`n` processes that keep a core busy, each ending by itself after `max_s` at the latest
+    and ended on leaving the block."""
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN.format(s=max_s)]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/mnist1d.yaml", help="base config (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, applied to every run (repeatable)")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[2, 8], help="values of R (default: 2 8)")
+    parser.add_argument("--rules", nargs="+", default=["random_peer"], choices=TEACHER_RULES,
+                        help="teacher rules (default: random_peer)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="distillation weight (default: %(default)s)")
+    parser.add_argument("--cpus", type=float, default=2.0, help="CPUs the R replicas share (default: 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each case, seeds 0.. (median shown)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's)")
+    parser.add_argument("--control", action="store_true",
+                        help="also R = 2 beside max(R) - 2 busy processes (see above)")
+    parser.add_argument("--out", default=None, help="results folder (default: a new temp folder)")
+    args = parser.parse_args(argv)
+    if min(args.replicas) < 2:
+        parser.error("--replicas: every R must be >= 2")
+
+    out = temp_root("fetch") if args.out is None else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = {"storage_path": str(out), **({"steps": args.steps} if args.steps else {})}
+    base = load_config(args.config, args.set, **fields)
+    base = base.replace(method="codistill", **{"codistill.alpha": args.alpha})
+    cases = [(rule, r, 0) for rule in args.rules for r in args.replicas]
+    if args.control:
+        cases += [(rule, 2, max(args.replicas) - 2) for rule in args.rules]
+
+    start_ray()
+    clock = Clock()
+    print(f"machine: {machine()}")
+    print(f"command: {command()}")
+    print(f"config: {args.config} {' '.join(args.set)}; {base.steps} steps, batch {base.batch_size}/replica, "
+          f"alpha {args.alpha:g}, {args.cpus:g} CPUs shared by the replicas; results and logs: {out}")
+    print(f"load average at start: {load_average()}", flush=True)
+
+    runs: dict[tuple, list[Path]] = {c: [] for c in cases}
+    for rep in range(args.repeats):
+        for rule, r, hogs in cases:
+            cfg = scaling.config_at(base, r, args.cpus)
+            cfg = cfg.replace(name=f"fetch-{rule}-r{r}{f'-busy{hogs}' if hogs else ''}-s{rep}", seed=rep,
+                              **{"codistill.teacher_rule": rule})
+            with busy(hogs, max_s=3600):
+                result = run_experiment(cfg, out / "launcher.log")
+            runs[(rule, r, hogs)].append(result.path)
+            row = report.load_summaries([result.path]).iloc[0]
+            print(f"[{clock}] repeat {rep + 1}/{args.repeats} {cfg.name}: round trip p50 {row['fetch_ms_p50']:.2f} "
+                  f"ms, serve p50 {row['serve_ms_p50']:.3f} ms, wall {row['wall_time_s']:.0f} s "
+                  f"(load average {load_average()})", flush=True)
+
+    rows = []
+    for (rule, r, hogs), paths in runs.items():
+        s = report.load_summaries(paths)
+        med = {c: statistics.median(s[c]) for c in ("fetch_ms_p50", "fetch_ms_p99", "serve_ms_p50", "serve_ms_p99",
+                                                     "wall_time_s", "broker_peak_rss_bytes")}
+        rows.append([rule, r, hogs, len(paths), f"{med['fetch_ms_p50']:.2f}", " ".join(
+            f"{v:.2f}" for v in s["fetch_ms_p50"]), f"{med['fetch_ms_p99']:.1f}", f"{med['serve_ms_p50']:.3f}",
+            f"{med['serve_ms_p99']:.3f}", f"{med['wall_time_s']:.0f}",
+            report.human_bytes(med["broker_peak_rss_bytes"])])
+    print(f"\nmedians over runs (each run: the median of its replicas' p50s, the worst p99); "
+          f"load average at the end: {load_average()}\n")
+    print(table(["rule", "R", "busy procs", "runs", "round trip p50 ms", "each run", "round trip p99 ms",
+                 "serve p50 ms", "serve p99 ms", "wall s", "broker peak RSS"], rows, right=set(range(1, 11))))
+    print()
+    lo, hi = min(args.replicas), max(args.replicas)
+    for rule in args.rules:
+        med = {(r, c): statistics.median(report.load_summaries(runs[(rule, r, 0)])[c])
+               for r in (lo, hi) for c in ("fetch_ms_p50", "serve_ms_p50")}
+        print(f"{rule}: R = {hi} / R = {lo}: round trip p50 {med[hi, 'fetch_ms_p50'] / med[lo, 'fetch_ms_p50']:.2f}x, "
+              f"broker serve p50 {med[hi, 'serve_ms_p50'] / med[lo, 'serve_ms_p50']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
