@@ -8,8 +8,9 @@ Each run is a whole `ray_codistill.launcher.run` of the base config (MNIST-1D, 6
   chunk's teachers to its callback seeing the answer, while it trains on. It holds the broker's
   work, the queue in front of the broker, Ray's two messages, and the time the worker process
   takes to run the callback (it needs a core and the GIL, which its training loop holds);
-- **serve** (`serve_ms_p50/p99` in the broker's counters): the broker's own time computing the
-  answer (`TeacherStore.fetch`), the part the teacher rule decides;
+- **serve** (`serve_ms_p50/p99` in the broker's counters): the CPU time the broker's thread spent
+  computing the answer (`TeacherStore.fetch`), the part the teacher rule decides (wall time there
+  would also count the time the OS gives the broker's core to the R busy workers);
 - the broker's peak resident memory.
 
 `--control` adds R = 2 runs beside `max(R) - 2` busy processes (bounded spin loops, ended with
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[(rule, r, hogs)].append(result.path)
             row = report.load_summaries([result.path]).iloc[0]
             print(f"[{clock}] repeat {rep + 1}/{args.repeats} {cfg.name}: round trip p50 {row['fetch_ms_p50']:.2f} "
-                  f"ms, serve p50 {row['serve_ms_p50']:.3f} ms, wall {row['wall_time_s']:.0f} s "
+                  f"ms, serve CPU p50 {row['serve_ms_p50']:.3f} ms, wall {row['wall_time_s']:.0f} s "
                   f"(load average {load_average()})", flush=True)
 
     rows = []
@@ -114,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmedians over runs (each run: the median of its replicas' p50s, the worst p99); "
           f"load average at the end: {load_average()}\n")
     print(table(["rule", "R", "busy procs", "runs", "round trip p50 ms", "each run", "round trip p99 ms",
-                 "serve p50 ms", "serve p99 ms", "wall s", "broker peak RSS"], rows, right=set(range(1, 11))))
+                 "serve CPU p50 ms", "serve CPU p99 ms", "wall s", "broker peak RSS"], rows, right=set(range(1, 11))))
     print()
     lo, hi = min(args.replicas), max(args.replicas)
     for rule in args.rules:
         med = {(r, c): statistics.median(report.load_summaries(runs[(rule, r, 0)])[c])
                for r in (lo, hi) for c in ("fetch_ms_p50", "serve_ms_p50")}
         print(f"{rule}: R = {hi} / R = {lo}: round trip p50 {med[hi, 'fetch_ms_p50'] / med[lo, 'fetch_ms_p50']:.2f}x, "
-              f"broker serve p50 {med[hi, 'serve_ms_p50'] / med[lo, 'serve_ms_p50']:.2f}x")
+              f"broker serve CPU p50 {med[hi, 'serve_ms_p50'] / med[lo, 'serve_ms_p50']:.2f}x")
     return 0
 
 

@@ -86,7 +86,7 @@ def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
     Columns: experiment, method, seed, num_models, test_acc (the replicas' mean test accuracy),
     ensemble_test_acc (NaN for a single model), best_replica_acc, wall_time_s, bytes_exchanged,
     allreduce_bytes, churn, disagreement (final probe round, mean over pairs), fetch_ms_p50,
-    fetch_ms_p99, serve_ms_p50, serve_ms_p99 (the broker's own time per fetch),
+    fetch_ms_p99, serve_ms_p50, serve_ms_p99 (the broker's CPU time per fetch),
     broker_peak_rss_bytes, broker_teacher_bytes, group (the method: rows are aggregated per group).
     """
     rows = []
@@ -114,7 +114,7 @@ def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
                 "fetch_ms_p50": _median_or_nan([r.get("fetch_ms_p50") for r in replicas]),
                 "fetch_ms_p99": max([r["fetch_ms_p99"] for r in replicas if r.get("fetch_ms_p99") is not None],
                                     default=math.nan),
-                # the broker's time to compute those answers (its counters): the same aggregation
+                # the broker's CPU time computing those answers (its counters): the same aggregation
                 "serve_ms_p50": _median_or_nan([c.get("serve_ms_p50") for c in broker]),
                 "serve_ms_p99": max([c["serve_ms_p99"] for c in broker if c.get("serve_ms_p99") is not None],
                                     default=math.nan),

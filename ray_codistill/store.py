@@ -36,7 +36,7 @@ import numpy as np
 import ray
 
 AGE_WINDOW = 65536  # recent teacher ages kept per replica for the percentiles
-SERVE_WINDOW = 4096  # recent fetch service times kept per replica for the percentiles
+SERVE_WINDOW = 4096  # recent fetch service CPU times kept per replica for the percentiles
 TOPK_FILL = -1.0e4  # logit of the classes outside a sample's top-k (exp(-1e4) is 0 in float32)
 
 
@@ -56,8 +56,9 @@ class Counters:
         self.rejected: dict[str, int] = {}  # reason -> count
         self._ages = np.zeros(AGE_WINDOW, dtype=np.int64)
         self._n_ages = 0
-        # seconds the store took to answer each recent fetch (its share of one, in a shard): the
-        # broker's own work, without the queue in front of it and the trip to and from the worker
+        # CPU seconds the store's thread spent answering each recent fetch (its share of one, in a
+        # shard): the broker's own work, without the queue in front of it, the trip to and from the
+        # worker, or the time the OS gave its core to another process meanwhile
         self._serve = np.zeros(SERVE_WINDOW, dtype=np.float64)
         self._n_serve = 0
 
@@ -79,7 +80,7 @@ class Counters:
         return self._ages[:min(self._n_ages, AGE_WINDOW)]
 
     def add_serve(self, seconds) -> None:
-        """Record fetch service times (one, or an array), oldest first."""
+        """Record fetch service CPU times (one, or an array), oldest first."""
         seconds = np.atleast_1d(np.asarray(seconds, dtype=np.float64))[-SERVE_WINDOW:]
         self._serve[(self._n_serve + np.arange(seconds.size)) % SERVE_WINDOW] = seconds
         self._n_serve += seconds.size
@@ -224,9 +225,9 @@ class TeacherStore:
         The teacher is None when no peer has published anything for these samples yet.
         Age is counted in the teacher's own steps (its newest step minus the step the stored
         logits came from), averaged over the peers that answer for the sample; -1 where masked.
-        The time this takes is recorded in the asking replica's counters (`serve_ms_p50/p99`).
+        The CPU time this takes is recorded in the asking replica's counters (`serve_ms_p50/p99`).
         """
-        started = time.perf_counter()
+        started = time.thread_time()
         indices = np.asarray(indices)
         if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or (indices.size and (
                 indices.min() < 0 or indices.max() >= self.num_train or np.any(indices % self.num_shards != self.shard))):
@@ -264,7 +265,7 @@ class TeacherStore:
         c.add_ages(age[mask])
         c.bytes_in += indices.nbytes
         c.bytes_out += (teacher.nbytes if teacher is not None else 0) + mask.nbytes + age.nbytes
-        c.add_serve(time.perf_counter() - started)
+        c.add_serve(time.thread_time() - started)
         return teacher, mask, age
 
     def _dense(self, peer: int, local: np.ndarray) -> np.ndarray:
