@@ -14,7 +14,8 @@ Each run is a whole `ray_codistill.launcher.run` of the base config (MNIST-1D, 6
 - the broker's peak resident memory.
 
 `--control` adds R = 2 runs beside `max(R) - 2` busy processes (bounded spin loops, ended with
-the run): as many compute-bound processes on the cores as at the largest R, but the broker
+the run, at the niceness Ray gives its worker processes, 15 here: at 0 they would starve the
+workers): as many compute-bound processes on the cores as at the largest R, but the broker
 serving 2 replicas. If its round trip is close to the largest R's, the round trip measures the
 cores' contention rather than the broker's work.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import subprocess
 import sys
@@ -36,14 +38,20 @@ from common import Clock, command, load_average, machine, run_experiment, start_
 from ray_codistill import report, scaling  # noqa: E402
 from ray_codistill.config import TEACHER_RULES, load_config  # noqa: E402
 
-SPIN = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:\n    pass\n"
+SPIN = "import os, time\nos.nice({nice})\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+def ray_worker_niceness() -> int:
+    """The niceness of Ray's worker processes (Ray raises it for them; replicas run there)."""
+    import ray
+    return ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
 
 
 @contextlib.contextmanager
-def busy(n: int, max_s: float):
-    """`n` processes that keep a core busy, each ending by itself after `max_s` at the latest
-    and ended on leaving the block."""
-    procs = [subprocess.Popen([sys.executable, "-c", SPIN.format(s=max_s)]) for _ in range(n)]
+def busy(n: int, max_s: float, nice: int):
+    """`n` processes at niceness `nice` that keep a core busy, each ending by itself after
+    `max_s` at the latest and ended on leaving the block."""
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN.format(s=max_s, nice=nice)]) for _ in range(n)]
     try:
         yield
     finally:
@@ -82,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         cases += [(rule, 2, max(args.replicas) - 2) for rule in args.rules]
 
     start_ray()
+    nice = ray_worker_niceness() - os.nice(0)  # the spinners' increment: the workers' niceness
     clock = Clock()
     print(f"machine: {machine()}")
     print(f"command: {command()}")
     print(f"config: {args.config} {' '.join(args.set)}; {base.steps} steps, batch {base.batch_size}/replica, "
           f"alpha {args.alpha:g}, {args.cpus:g} CPUs shared by the replicas; results and logs: {out}")
-    print(f"load average at start: {load_average()}", flush=True)
+    print(f"load average at start: {load_average()}; Ray workers' niceness {os.nice(0) + nice}", flush=True)
 
     runs: dict[tuple, list[Path]] = {c: [] for c in cases}
     for rep in range(args.repeats):
@@ -95,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = scaling.config_at(base, r, args.cpus)
             cfg = cfg.replace(name=f"fetch-{rule}-r{r}{f'-busy{hogs}' if hogs else ''}-s{rep}", seed=rep,
                               **{"codistill.teacher_rule": rule})
-            with busy(hogs, max_s=3600):
+            with busy(hogs, max_s=3600, nice=nice):
                 result = run_experiment(cfg, out / "launcher.log")
             runs[(rule, r, hogs)].append(result.path)
             row = report.load_summaries([result.path]).iloc[0]
