@@ -6,6 +6,7 @@ results and temporary data go to a temp folder, never into the repository.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -18,6 +19,24 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def experiment_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that runs experiments of a base config: --config, --set, --out."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/mnist1d.yaml", help="base config (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, applied to every run (repeatable)")
+    parser.add_argument("--out", default=None, help="results folder (default: a new temp folder)")
+    return parser
+
+
+def out_folder(out: str | None, prefix: str) -> Path:
+    """`--out`, created, or a new temp folder."""
+    folder = temp_root(prefix) if out is None else Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def temp_root(prefix: str) -> Path:
@@ -98,7 +117,7 @@ def table(headers: list[str], rows: list[list], right: set[int] | None = None) -
     """A markdown table (pandas' to_markdown needs `tabulate`, which is not a dependency)."""
     right = right if right is not None else set(range(1, len(headers)))
     cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    widths = [max(3, len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]  # "--:" at least
 
     def line(values):
         return "| " + " | ".join(v.rjust(w) if i in right else v.ljust(w)

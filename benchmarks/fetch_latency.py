@@ -24,16 +24,17 @@ cores' contention rather than the broker's work.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Clock, command, load_average, machine, run_experiment, start_ray, table, temp_root  # noqa: E402
+from common import (Clock, command, experiment_parser, load_average, machine, out_folder,  # noqa: E402
+                    run_experiment, start_ray, table)
 
 from ray_codistill import report, scaling  # noqa: E402
 from ray_codistill.config import TEACHER_RULES, load_config  # noqa: E402
@@ -61,11 +62,7 @@ def busy(n: int, max_s: float, nice: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/mnist1d.yaml", help="base config (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, applied to every run (repeatable)")
+    parser = experiment_parser(__doc__)
     parser.add_argument("--replicas", type=int, nargs="+", default=[2, 8], help="values of R (default: 2 8)")
     parser.add_argument("--rules", nargs="+", default=["random_peer"], choices=TEACHER_RULES,
                         help="teacher rules (default: random_peer)")
@@ -75,13 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's)")
     parser.add_argument("--control", action="store_true",
                         help="also R = 2 beside max(R) - 2 busy processes (see above)")
-    parser.add_argument("--out", default=None, help="results folder (default: a new temp folder)")
     args = parser.parse_args(argv)
     if min(args.replicas) < 2:
         parser.error("--replicas: every R must be >= 2")
 
-    out = temp_root("fetch") if args.out is None else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(args.out, "fetch")
     fields = {"storage_path": str(out), **({"steps": args.steps} if args.steps else {})}
     base = load_config(args.config, args.set, **fields)
     base = base.replace(method="codistill", **{"codistill.alpha": args.alpha})
@@ -98,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
           f"alpha {args.alpha:g}, {args.cpus:g} CPUs shared by the replicas; results and logs: {out}")
     print(f"load average at start: {load_average()}; Ray workers' niceness {os.nice(0) + nice}", flush=True)
 
-    runs: dict[tuple, list[Path]] = {c: [] for c in cases}
+    runs: dict[tuple, list[pd.Series]] = {c: [] for c in cases}  # case -> one summary row per run
     for rep in range(args.repeats):
         for rule, r, hogs in cases:
             cfg = scaling.config_at(base, r, args.cpus)
@@ -106,32 +101,29 @@ def main(argv: list[str] | None = None) -> int:
                               **{"codistill.teacher_rule": rule})
             with busy(hogs, max_s=3600, nice=nice):
                 result = run_experiment(cfg, out / "launcher.log")
-            runs[(rule, r, hogs)].append(result.path)
             row = report.load_summaries([result.path]).iloc[0]
+            runs[(rule, r, hogs)].append(row)
             print(f"[{clock}] repeat {rep + 1}/{args.repeats} {cfg.name}: round trip p50 {row['fetch_ms_p50']:.2f} "
                   f"ms, serve CPU p50 {row['serve_ms_p50']:.3f} ms, wall {row['wall_time_s']:.0f} s "
                   f"(load average {load_average()})", flush=True)
 
-    rows = []
-    for (rule, r, hogs), paths in runs.items():
-        s = report.load_summaries(paths)
-        med = {c: statistics.median(s[c]) for c in ("fetch_ms_p50", "fetch_ms_p99", "serve_ms_p50", "serve_ms_p99",
-                                                     "wall_time_s", "broker_peak_rss_bytes")}
-        rows.append([rule, r, hogs, len(paths), f"{med['fetch_ms_p50']:.2f}", " ".join(
-            f"{v:.2f}" for v in s["fetch_ms_p50"]), f"{med['fetch_ms_p99']:.1f}", f"{med['serve_ms_p50']:.3f}",
-            f"{med['serve_ms_p99']:.3f}", f"{med['wall_time_s']:.0f}",
-            report.human_bytes(med["broker_peak_rss_bytes"])])
+    figures = ("fetch_ms_p50", "fetch_ms_p99", "serve_ms_p50", "serve_ms_p99", "wall_time_s", "broker_peak_rss_bytes")
+    med = {case: pd.DataFrame(rows)[list(figures)].median() for case, rows in runs.items()}
+    table_rows = [[rule, r, hogs, len(runs[(rule, r, hogs)]), f"{m['fetch_ms_p50']:.2f}",
+                   " ".join(f"{row['fetch_ms_p50']:.2f}" for row in runs[(rule, r, hogs)]), f"{m['fetch_ms_p99']:.1f}",
+                   f"{m['serve_ms_p50']:.3f}", f"{m['serve_ms_p99']:.3f}", f"{m['wall_time_s']:.0f}",
+                   report.human_bytes(m["broker_peak_rss_bytes"])] for (rule, r, hogs), m in med.items()]
     print(f"\nmedians over runs (each run: the median of its replicas' p50s, the worst p99); "
           f"load average at the end: {load_average()}\n")
     print(table(["rule", "R", "busy procs", "runs", "round trip p50 ms", "each run", "round trip p99 ms",
-                 "serve CPU p50 ms", "serve CPU p99 ms", "wall s", "broker peak RSS"], rows, right=set(range(1, 11))))
+                 "serve CPU p50 ms", "serve CPU p99 ms", "wall s", "broker peak RSS"], table_rows,
+                right=set(range(1, 11))))
     print()
     lo, hi = min(args.replicas), max(args.replicas)
     for rule in args.rules:
-        med = {(r, c): statistics.median(report.load_summaries(runs[(rule, r, 0)])[c])
-               for r in (lo, hi) for c in ("fetch_ms_p50", "serve_ms_p50")}
-        print(f"{rule}: R = {hi} / R = {lo}: round trip p50 {med[hi, 'fetch_ms_p50'] / med[lo, 'fetch_ms_p50']:.2f}x, "
-              f"broker serve CPU p50 {med[hi, 'serve_ms_p50'] / med[lo, 'serve_ms_p50']:.2f}x")
+        a, b = med[(rule, lo, 0)], med[(rule, hi, 0)]
+        print(f"{rule}: R = {hi} / R = {lo}: round trip p50 {b['fetch_ms_p50'] / a['fetch_ms_p50']:.2f}x, "
+              f"broker serve CPU p50 {b['serve_ms_p50'] / a['serve_ms_p50']:.2f}x")
     return 0
 
 

@@ -27,15 +27,13 @@ elsewhere on the machine hits every configuration alike.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from common import (Clock, command, load_average, machine, run_experiment, start_ray, steady_rate, table,
-                    temp_root, worker_torch_threads)
+from common import (Clock, command, experiment_parser, load_average, machine, out_folder, run_experiment,
+                    start_ray, steady_rate, table, worker_torch_threads)
 
 from ray_codistill.config import ExperimentConfig, load_config
 
@@ -104,21 +102,15 @@ def run_ray(cfg: ExperimentConfig, skip_steps: int, log_path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/mnist1d.yaml", help="base config (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, applied to every run (repeatable)")
+    parser = experiment_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration (median shown)")
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per run")
     parser.add_argument("--quick", action="store_true", help="1 repeat of 1,500 steps: a few minutes")
-    parser.add_argument("--out", default=None, help="results folder (default: a new temp folder)")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.steps = 1, 1500
 
-    out = temp_root("overhead") if args.out is None else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_folder(args.out, "overhead")
     base = load_config(args.config, args.set, steps=args.steps, storage_path=str(out))
     base = base.replace(eval_every=base.steps)  # one evaluation, at the end: less wall time per run
     cc = base.codistill
