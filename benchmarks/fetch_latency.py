@@ -13,13 +13,18 @@ Each run is a whole `ray_codistill.launcher.run` of the base config (MNIST-1D, 6
   would also count the time the OS gives the broker's core to the R busy workers);
 - the broker's peak resident memory.
 
+`--broker-niceness` runs every case with the broker at each given niceness (default 0, the
+config's default, and 15, Ray's for all its worker processes: the broker's before
+`codistill.broker_niceness` existed); the table shows the niceness each broker ran at.
+
 `--control` adds R = 2 runs beside `max(R) - 2` busy processes (bounded spin loops, ended with
 the run, at the niceness Ray gives its worker processes, 15 here: at 0 they would starve the
 workers): as many compute-bound processes on the cores as at the largest R, but the broker
 serving 2 replicas. If its round trip is close to the largest R's, the round trip measures the
 cores' contention rather than the broker's work.
 
-    python benchmarks/fetch_latency.py [--replicas 2 8] [--rules random_peer] [--repeats 3] [--control]
+    python benchmarks/fetch_latency.py [--replicas 2 8] [--rules random_peer] [--broker-niceness 0 15]
+                                      [--repeats 3] [--control]
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, nargs="+", default=[2, 8], help="values of R (default: 2 8)")
     parser.add_argument("--rules", nargs="+", default=["random_peer"], choices=TEACHER_RULES,
                         help="teacher rules (default: random_peer)")
+    parser.add_argument("--broker-niceness", type=int, nargs="+", default=[0, 15],
+                        help="niceness of the broker, each in turn (default: 0 15)")
     parser.add_argument("--alpha", type=float, default=1.0, help="distillation weight (default: %(default)s)")
     parser.add_argument("--cpus", type=float, default=2.0, help="CPUs the R replicas share (default: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each case, seeds 0.. (median shown)")
@@ -80,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     fields = {"storage_path": str(out), **({"steps": args.steps} if args.steps else {})}
     base = load_config(args.config, args.set, **fields)
     base = base.replace(method="codistill", **{"codistill.alpha": args.alpha})
-    cases = [(rule, r, 0) for rule in args.rules for r in args.replicas]
+    cases = [(rule, nice, r, 0) for nice in args.broker_niceness for rule in args.rules for r in args.replicas]
     if args.control:
-        cases += [(rule, 2, max(args.replicas) - 2) for rule in args.rules]
+        cases += [(rule, nice, 2, max(args.replicas) - 2) for nice in args.broker_niceness for rule in args.rules]
 
     start_ray()
     nice = ray_worker_niceness() - os.nice(0)  # the spinners' increment: the workers' niceness
@@ -95,34 +102,40 @@ def main(argv: list[str] | None = None) -> int:
 
     runs: dict[tuple, list[pd.Series]] = {c: [] for c in cases}  # case -> one summary row per run
     for rep in range(args.repeats):
-        for rule, r, hogs in cases:
+        for rule, broker_nice, r, hogs in cases:
             cfg = scaling.config_at(base, r, args.cpus)
-            cfg = cfg.replace(name=f"fetch-{rule}-r{r}{f'-busy{hogs}' if hogs else ''}-s{rep}", seed=rep,
-                              **{"codistill.teacher_rule": rule})
+            cfg = cfg.replace(name=f"fetch-{rule}-n{broker_nice}-r{r}{f'-busy{hogs}' if hogs else ''}-s{rep}",
+                              seed=rep, **{"codistill.teacher_rule": rule, "codistill.broker_niceness": broker_nice})
             with busy(hogs, max_s=3600, nice=nice):
                 result = run_experiment(cfg, out / "launcher.log")
             row = report.load_summaries([result.path]).iloc[0]
-            runs[(rule, r, hogs)].append(row)
+            runs[(rule, broker_nice, r, hogs)].append(row)
             print(f"[{clock}] repeat {rep + 1}/{args.repeats} {cfg.name}: round trip p50 {row['fetch_ms_p50']:.2f} "
                   f"ms, serve CPU p50 {row['serve_ms_p50']:.3f} ms, wall {row['wall_time_s']:.0f} s "
                   f"(load average {load_average()})", flush=True)
 
-    figures = ("fetch_ms_p50", "fetch_ms_p99", "serve_ms_p50", "serve_ms_p99", "wall_time_s", "broker_peak_rss_bytes")
+    figures = ("fetch_ms_p50", "fetch_ms_p99", "serve_ms_p50", "serve_ms_p99", "wall_time_s", "broker_peak_rss_bytes",
+               "broker_niceness")
     med = {case: pd.DataFrame(rows)[list(figures)].median() for case, rows in runs.items()}
-    table_rows = [[rule, r, hogs, len(runs[(rule, r, hogs)]), f"{m['fetch_ms_p50']:.2f}",
-                   " ".join(f"{row['fetch_ms_p50']:.2f}" for row in runs[(rule, r, hogs)]), f"{m['fetch_ms_p99']:.1f}",
-                   f"{m['serve_ms_p50']:.3f}", f"{m['serve_ms_p99']:.3f}", f"{m['wall_time_s']:.0f}",
-                   report.human_bytes(m["broker_peak_rss_bytes"])] for (rule, r, hogs), m in med.items()]
+    table_rows = []
+    for case, m in med.items():  # the niceness column: what the brokers got, not what was asked
+        rule, _, r, hogs = case
+        each = " ".join(f"{row['fetch_ms_p50']:.2f}" for row in runs[case])
+        table_rows.append([rule, f"{m['broker_niceness']:.0f}", r, hogs, len(runs[case]),
+                           f"{m['fetch_ms_p50']:.2f}", each, f"{m['fetch_ms_p99']:.1f}", f"{m['serve_ms_p50']:.3f}",
+                           f"{m['serve_ms_p99']:.3f}", f"{m['wall_time_s']:.0f}",
+                           report.human_bytes(m["broker_peak_rss_bytes"])])
     print(f"\nmedians over runs (each run: the median of its replicas' p50s, the worst p99); "
           f"load average at the end: {load_average()}\n")
-    print(table(["rule", "R", "busy procs", "runs", "round trip p50 ms", "each run", "round trip p99 ms",
-                 "serve CPU p50 ms", "serve CPU p99 ms", "wall s", "broker peak RSS"], table_rows,
-                right=set(range(1, 11))))
+    print(table(["rule", "broker niceness", "R", "busy procs", "runs", "round trip p50 ms", "each run",
+                 "round trip p99 ms", "serve CPU p50 ms", "serve CPU p99 ms", "wall s", "broker peak RSS"], table_rows,
+                right=set(range(1, 12))))
     print()
     lo, hi = min(args.replicas), max(args.replicas)
-    for rule in args.rules:
-        a, b = med[(rule, lo, 0)], med[(rule, hi, 0)]
-        print(f"{rule}: R = {hi} / R = {lo}: round trip p50 {b['fetch_ms_p50'] / a['fetch_ms_p50']:.2f}x, "
+    for rule, broker_nice in [(rule, nice) for nice in args.broker_niceness for rule in args.rules]:
+        a, b = med[(rule, broker_nice, lo, 0)], med[(rule, broker_nice, hi, 0)]
+        print(f"{rule}, broker niceness {b['broker_niceness']:.0f}: R = {hi} / R = {lo}: "
+              f"round trip p50 {b['fetch_ms_p50'] / a['fetch_ms_p50']:.2f}x, "
               f"broker serve CPU p50 {b['serve_ms_p50'] / a['serve_ms_p50']:.2f}x")
     return 0
 

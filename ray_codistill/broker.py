@@ -44,6 +44,7 @@ import ray
 
 from ray_codistill.divergence import ProbeRounds
 from ray_codistill.journal import Journal
+from ray_codistill.priority import take_niceness
 from ray_codistill.store import Counters, Guard, StoreShard, TeacherStore
 
 NAMESPACE = "ray_codistill"
@@ -98,7 +99,8 @@ class Broker:
                  max_staleness: int | None = None, method: str = "codistill",
                  probe_labels: np.ndarray | None = None, token: str = "", folder: str | None = None,
                  topk: int | None = None, shards: list | None = None, teacher_rule: str = "mean_logits",
-                 temperature: float = 1.0, seed: int = 0) -> None:
+                 temperature: float = 1.0, seed: int = 0, niceness: int | None = 0) -> None:
+        self.niceness = take_niceness(niceness)  # before anything else: see priority.py
         self.experiment = experiment
         self.method = method
         self.num_replicas = num_replicas
@@ -356,6 +358,7 @@ class Broker:
             "probe_rounds": len({row["step"] for row in self.rounds.history}) if self.rounds else 0,
             "rejected_unknown_replica": self.guard.unknown,
             "broker_shards": max(1, len(self.shards)),
+            "broker_niceness": self.niceness,
             "broker_node": _node_here(),
             "events": self._events,
         }
@@ -405,7 +408,8 @@ def start_broker(experiment: str, num_replicas: int, num_train: int, num_classes
                  max_staleness: int | None = None, method: str = "codistill",
                  probe_labels: np.ndarray | None = None, token: str = "", folder: str | None = None,
                  topk: int | None = None, shards: int = 1, placement: dict | None = None,
-                 teacher_rule: str = "mean_logits", temperature: float = 1.0, seed: int = 0):
+                 teacher_rule: str = "mean_logits", temperature: float = 1.0, seed: int = 0,
+                 niceness: int | None = 0):
     """Create the named broker actor of an experiment (the driver's side).
 
     With `folder` (the experiment folder) it journals what it must not lose there and reloads it
@@ -416,6 +420,8 @@ def start_broker(experiment: str, num_replicas: int, num_train: int, num_classes
     which Ray spreads over the nodes; a restarted shard starts empty (its peers' next
     publications refill it). `teacher_rule`, `temperature` and `seed` say how a fetch makes one
     teacher of the peers' logits (`store.py`); every shard applies the same rule to its samples.
+    The broker and its shards run at `niceness` when the node allows it (`priority.py`; None:
+    Ray's, 15); `stats()["broker_niceness"]` says what the broker got.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     where = placement or {
@@ -424,12 +430,12 @@ def start_broker(experiment: str, num_replicas: int, num_train: int, num_classes
         RemoteShard.options(name=shard_name(experiment, s), namespace=NAMESPACE, scheduling_strategy="SPREAD").remote(
             token, num_replicas=num_replicas, num_train=num_train, num_classes=num_classes, topk=topk,
             max_staleness=max_staleness, shard=s, num_shards=shards, teacher_rule=teacher_rule,
-            temperature=temperature, seed=seed)
+            temperature=temperature, seed=seed, niceness=niceness)
         for s in range(shards)] if shards > 1 else []
     handle = RemoteBroker.options(name=broker_name(experiment), namespace=NAMESPACE, lifetime=None,
                                   **where).remote(
         experiment, num_replicas, num_train, num_classes, max_staleness, method, probe_labels, token, folder,
-        topk, shard_handles, teacher_rule, temperature, seed)
+        topk, shard_handles, teacher_rule, temperature, seed, niceness)
     ray.get([handle.ping.remote(), *(s.nbytes.remote() for s in shard_handles)])
     return handle
 

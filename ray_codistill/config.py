@@ -121,6 +121,9 @@ class CodistillConfig:
     wait_for_peers_s: float = 120.0  # at start, wait up to this long for every replica to be up (0: don't)
     topk: int | None = None  # logits mode: keep and send only each sample's k largest logits (kl only)
     broker_shards: int = 1  # logits mode: split the logits store by sample index over this many actors
+    # niceness of the broker and its shards (Ray runs actors at 15, like the training workers they
+    # serve; null: leave it). Lowering it needs CAP_SYS_NICE, else it stays 15 with a warning
+    broker_niceness: int | None = 0
 
     def __post_init__(self) -> None:
         _check(self.alpha >= 0, "codistill.alpha", f"got {self.alpha}, must be >= 0")
@@ -147,6 +150,8 @@ class CodistillConfig:
         _check(self.topk is None or self.distance == "kl", "codistill.topk",
                "needs codistill.distance=kl (mse on the missing classes has no meaning)")
         _check(self.broker_shards >= 1, "codistill.broker_shards", f"got {self.broker_shards}, must be >= 1")
+        _check(self.broker_niceness is None or -20 <= self.broker_niceness <= 19, "codistill.broker_niceness",
+               f"got {self.broker_niceness}, must be in -20..19 or null (Ray's)")
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

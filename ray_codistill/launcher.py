@@ -213,7 +213,8 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     cc = cfg.codistill
     broker = start_broker(cfg.name, cfg.num_models, len(splits.train), splits.num_classes, cc.max_staleness,
                           cfg.method, probe_labels, token, str(folder), cc.topk, cc.broker_shards,
-                          broker_options(cfg), cc.teacher_rule, cc.temperature, cfg.seed)
+                          broker_options(cfg), cc.teacher_rule, cc.temperature, cfg.seed, cc.broker_niceness)
+    _check_niceness(broker, cc.broker_niceness)
     if cfg.node_wait_s is not None:
         # how long Ray Train waits for the resources of a worker group (at start, and after a node
         # is lost); read by each trainer's controller when it starts (Ray Train propagates it).
@@ -293,6 +294,15 @@ def _metrics_table(cfg: ExperimentConfig, rows: list[dict]) -> pd.DataFrame:
     return df[ID_COLUMNS + [c for c in df.columns if c not in ID_COLUMNS]]
 
 
+def _check_niceness(broker, wanted: int | None) -> None:
+    """Say so when the broker could not take the niceness it was given (`priority.py`)."""
+    got = ray.get(broker.stats.remote())["broker_niceness"]
+    if wanted is not None and got != wanted:
+        say(f"warning: the broker runs at niceness {got}, not codistill.broker_niceness={wanted} (lowering a "
+            f"niceness needs CAP_SYS_NICE): where replicas keep its node's cores busy, its answers wait for a core "
+            f"(docs/performance.md, \"The broker's priority\")")
+
+
 def _summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, errors: dict) -> dict:
     replicas = [{**final[r]["result"], "restarts": stats["replicas"][str(r)]["restarts"]} for r in sorted(final)]
     ensemble, prediction_churn = None, None
@@ -317,6 +327,7 @@ def _summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, error
         "ensemble_test_acc": ensemble,
         "prediction_churn": prediction_churn,  # share of test samples two replicas label differently
         "final_divergence": stats["divergence"],
+        "broker_niceness": stats["broker_niceness"],
         "wall_time_s": wall,
         "bytes_exchanged": int(sum(c["bytes_in"] + c["bytes_out"] for c in counters.values())),
         "allreduce_bytes": int(sum(r.get("allreduce_bytes", 0) for r in replicas)),

@@ -87,7 +87,7 @@ def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
     ensemble_test_acc (NaN for a single model), best_replica_acc, wall_time_s, bytes_exchanged,
     allreduce_bytes, churn, disagreement (final probe round, mean over pairs), fetch_ms_p50,
     fetch_ms_p99, serve_ms_p50, serve_ms_p99 (the broker's CPU time per fetch),
-    broker_peak_rss_bytes, broker_teacher_bytes, group (the method: rows are aggregated per group).
+    broker_peak_rss_bytes, broker_teacher_bytes, broker_niceness (NaN in summaries older than it), group (the method: rows are aggregated per group).
     """
     rows = []
     for d in dirs:
@@ -120,6 +120,7 @@ def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
                                     default=math.nan),
                 "broker_peak_rss_bytes": _float_or_nan((s.get("broker_memory") or {}).get("peak_rss_bytes")),
                 "broker_teacher_bytes": _float_or_nan((s.get("broker_memory") or {}).get("teacher_bytes")),
+                "broker_niceness": _float_or_nan(s.get("broker_niceness")),
                 "group": s["method"],
             }
         )

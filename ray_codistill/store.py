@@ -35,6 +35,8 @@ import time
 import numpy as np
 import ray
 
+from ray_codistill.priority import take_niceness
+
 AGE_WINDOW = 65536  # recent teacher ages kept per replica for the percentiles
 SERVE_WINDOW = 4096  # recent fetch service CPU times kept per replica for the percentiles
 TOPK_FILL = -1.0e4  # logit of the classes outside a sample's top-k (exp(-1e4) is 0 in float32)
@@ -310,7 +312,8 @@ class StoreShard:
     """One shard of the teacher store as its own actor (`codistill.broker_shards` > 1); workers
     call it directly, with the experiment token, and the broker merges its counters."""
 
-    def __init__(self, token: str, **store_args) -> None:
+    def __init__(self, token: str, niceness: int | None = None, **store_args) -> None:
+        take_niceness(niceness)  # the broker's (priority.py)
         self.store = TeacherStore(**store_args)
         self.guard = Guard(token, self.store.counters)
 

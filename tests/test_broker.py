@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import ray
 
-from ray_codistill.broker import BrokerClient, get_broker, start_broker
+from ray_codistill.broker import BrokerClient, get_broker, start_broker, stop_broker
 
 TOKEN = "secret-of-this-experiment"
 
@@ -252,3 +254,66 @@ def test_a_replica_with_non_finite_outputs_raises_instead_of_publishing(broker):
             10, model)
     stats = ray.get(b.stats.remote())["replicas"]["1"]
     assert stats["publications"] == 0 and stats["rejected"] == {}
+
+
+def _thread_niceness(pid: int) -> set[int]:
+    """The niceness of every thread of a process on this machine (field 19 of /proc/.../stat)."""
+    from pathlib import Path
+    out = set()
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        out.add(int(stat.read_text().rsplit(")", 1)[1].split()[16]))
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="lowering a niceness needs root")
+def test_the_broker_and_its_shards_take_the_niceness_they_are_given(ray_cluster):
+    """Ray runs actors at its worker niceness (15), as low as the training workers they serve;
+    the broker and its shards take the given niceness on every thread, or keep Ray's (None)."""
+    ray_niceness = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
+    assert ray_niceness == 15  # Ray's default worker_niceness: what the broker starts at
+    b = start_broker("test-nice-0", 2, num_train=10, num_classes=3, token=TOKEN, shards=2, niceness=0)
+    try:
+        assert ray.get(b.stats.remote())["broker_niceness"] == 0
+        pids = [ray.get(b.ping.remote())] + ray.get([s.ping.remote() for s in ray.get(b.shard_handles.remote())])
+        assert len(set(pids)) == 3
+        for pid in pids:
+            assert _thread_niceness(pid) == {0}
+    finally:
+        stop_broker(b)
+    b = start_broker("test-nice-none", 2, num_train=10, num_classes=3, token=TOKEN, niceness=None)
+    try:  # Ray's own choice: its task thread at 15 (some of Ray's threads stay at 0)
+        assert ray.get(b.stats.remote())["broker_niceness"] == ray_niceness
+        assert ray_niceness in _thread_niceness(ray.get(b.ping.remote()))
+    finally:
+        stop_broker(b)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to drop to another user")
+def test_without_the_right_to_lower_its_niceness_a_process_keeps_it_and_warns():
+    """As an unprivileged user (a forked child that drops root), taking a lower niceness fails
+    softly: the process keeps its niceness, logs why, and says what it runs at."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            import io
+            import logging
+
+            from ray_codistill import priority
+            logs = io.StringIO()
+            logging.getLogger(priority.__name__).addHandler(logging.StreamHandler(logs))
+            os.nice(5 - os.nice(0))  # from wherever the test runs, to 5
+            os.setuid(65534)  # nobody: no CAP_SYS_NICE any more
+            got = priority.take_niceness(0)
+            raised = priority.take_niceness(7)  # raising it needs no right
+            os.write(write, f"{got} {raised} {'CAP_SYS_NICE' in logs.getvalue()}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        answer = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert answer == "5 7 True"

@@ -98,6 +98,7 @@ INVALID = [  # (override, the key the error names, words of what is allowed)
     ("storage_path=''", "storage_path", "must not be empty"),
     ("codistill.topk=0", "codistill.topk", ">= 1"),
     ("codistill.broker_shards=0", "codistill.broker_shards", ">= 1"),
+    ("codistill.broker_niceness=20", "codistill.broker_niceness", "-20..19 or null"),
     ("node_wait_s=0", "node_wait_s", "> 0 or null"),
     ("time_budget_s=0", "time_budget_s", "> 0 or null"),
     ("placement.strategy=RANDOM", "placement.strategy", "PACK, SPREAD, STRICT_PACK, STRICT_SPREAD"),

@@ -15,7 +15,8 @@ from conftest import CONFIGS, ROOT
 from live import ENDLESS, LiveRun, cli, stats_json, wait_for
 
 STATS_KEYS = {"schema", "experiment", "method", "status", "uptime_s", "num_replicas", "replicas",
-              "divergence", "probe_rounds", "rejected_unknown_replica", "events", "broker_shards", "broker_node"}
+              "divergence", "probe_rounds", "rejected_unknown_replica", "events", "broker_shards", "broker_node",
+              "broker_niceness"}
 REPLICA_KEYS = {"step", "train_loss", "val_acc", "samples_per_s", "publications", "fetches", "hits", "misses",
                 "hit_rate", "age_p50", "age_p95", "age_max", "serve_ms_p50", "serve_ms_p99", "bytes_in", "bytes_out",
                 "rejected", "probe_acc", "workers", "restarts"}
