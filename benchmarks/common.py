@@ -45,7 +45,9 @@ def temp_root(prefix: str) -> Path:
 
 def start_ray(num_cpus: int | None = None) -> None:
     """A local Ray of our own (never `ray stop`: other Ray instances on the machine stay alone).
-    No dashboard and no log forwarding: fewer background processes competing for the cores."""
+    No dashboard and no log forwarding: fewer background processes competing for the cores. Run
+    alone: beside another Ray serving a dashboard on port 8265, Ray Train's placement-group
+    cleaner in this one asks that Ray about its controller and ends the run (README, "Notes")."""
     import ray
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False,
