@@ -266,14 +266,18 @@ def _thread_niceness(pid: int) -> set[int]:
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="lowering a niceness needs root")
-def test_the_broker_and_its_shards_take_the_niceness_they_are_given(ray_cluster):
+def test_the_broker_and_its_shards_take_the_niceness_they_are_given(ray_cluster, capsys):
     """Ray runs actors at its worker niceness (15), as low as the training workers they serve;
-    the broker and its shards take the given niceness on every thread, or keep Ray's (None)."""
+    the broker and its shards take the given niceness on every thread, or keep Ray's (None).
+    A run whose broker did not get the niceness of its config says so."""
+    from ray_codistill.launcher import _check_niceness
     ray_niceness = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
     assert ray_niceness == 15  # Ray's default worker_niceness: what the broker starts at
     b = start_broker("test-nice-0", 2, num_train=10, num_classes=3, token=TOKEN, shards=2, niceness=0)
     try:
         assert ray.get(b.stats.remote())["broker_niceness"] == 0
+        _check_niceness(b, 0)
+        assert capsys.readouterr().out == ""
         pids = [ray.get(b.ping.remote())] + ray.get([s.ping.remote() for s in ray.get(b.shard_handles.remote())])
         assert len(set(pids)) == 3
         for pid in pids:
@@ -284,6 +288,8 @@ def test_the_broker_and_its_shards_take_the_niceness_they_are_given(ray_cluster)
     try:  # Ray's own choice: its task thread at 15 (some of Ray's threads stay at 0)
         assert ray.get(b.stats.remote())["broker_niceness"] == ray_niceness
         assert ray_niceness in _thread_niceness(ray.get(b.ping.remote()))
+        _check_niceness(b, 0)  # as when the node refused: the config asked for 0
+        assert "warning: the broker runs at niceness 15, not codistill.broker_niceness=0" in capsys.readouterr().out
     finally:
         stop_broker(b)
 
