@@ -3,12 +3,13 @@
 Ray starts every worker process, actors included, at niceness 15 (its `worker_niceness`), below
 its own daemons (0). The broker and its shards would then compete for cores on equal terms with
 the training workers they serve: on a node whose cores the replicas keep busy, a fetch waits for
-the OS to give the broker a core (measured on 2 cores and 8 replicas: the broker's execution of a
-fetch took 9 ms of wall time for 0.7 ms of CPU). The broker's work is small and on every replica's
-path, so it asks for the daemons' priority (`codistill.broker_niceness`, default 0).
+the OS to give the broker a core (measured on 2 cores and 8 replicas, `benchmarks/broker_calls.py`:
+the broker's execution of a fetch took 6 ms of wall time for 0.6 ms of CPU; 2 ms at niceness 0).
+The broker's work is small and on every replica's path, so it asks for the daemons' priority
+(`codistill.broker_niceness`, default 0).
 
-Lowering a niceness needs CAP_SYS_NICE (root outside containers, `docker run --cap-add SYS_NICE`)
-or a matching RLIMIT_NICE; without it the process keeps Ray's niceness and says so.
+Lowering a niceness needs CAP_SYS_NICE (root; in a container running as root, `docker run
+--cap-add SYS_NICE`) or a matching RLIMIT_NICE; without it the process keeps Ray's niceness and says so.
 """
 
 from __future__ import annotations

@@ -87,7 +87,8 @@ def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
     ensemble_test_acc (NaN for a single model), best_replica_acc, wall_time_s, bytes_exchanged,
     allreduce_bytes, churn, disagreement (final probe round, mean over pairs), fetch_ms_p50,
     fetch_ms_p99, serve_ms_p50, serve_ms_p99 (the broker's CPU time per fetch),
-    broker_peak_rss_bytes, broker_teacher_bytes, broker_niceness (NaN in summaries older than it), group (the method: rows are aggregated per group).
+    broker_peak_rss_bytes, broker_teacher_bytes, broker_niceness (NaN in summaries older than it),
+    group (the method: rows are aggregated per group).
     """
     rows = []
     for d in dirs:

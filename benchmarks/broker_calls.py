@@ -1,0 +1,99 @@
+"""Where the broker's time goes, per kind of call, from Ray's own task events (prints a table).
+
+One real codistillation run per broker niceness (`codistill.broker_niceness`), then, for every
+method of that run's broker: the number of calls, the wall time Ray saw it execute (RUNNING to
+FINISHED: the broker's work plus any time the OS gave its core to others meanwhile), and the
+time calls waited in the broker's queue (SUBMITTED_TO_WORKER to RUNNING). Ray records these
+events with millisecond timestamps; the State API that serves them needs the dashboard, so this
+script starts its Ray with it. The broker's CPU per fetch (`serve_ms_p50`) and the workers'
+round trip (`fetch_ms_p50`) are printed beside, from the run's `summary.json`.
+
+    python benchmarks/broker_calls.py [--replicas 8] [--rule random_peer] [--broker-niceness 0 15]
+                                      [--steps 3000]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (Clock, command, experiment_parser, load_average, machine, out_folder,  # noqa: E402
+                    run_experiment, table)
+
+from ray_codistill import report, scaling  # noqa: E402
+from ray_codistill.broker import NAMESPACE, broker_name  # noqa: E402
+from ray_codistill.config import TEACHER_RULES, load_config  # noqa: E402
+
+MAX_TASKS = 100_000  # the State API's cap on one listing (it reads RAY_MAX_LIMIT_FROM_API_SERVER)
+
+
+def broker_calls(experiment: str) -> dict[str, np.ndarray]:
+    """Method -> array of (queued ms, executing ms), one row per finished call of the broker."""
+    from ray.util.state import list_actors, list_tasks
+    actor, = list_actors(filters=[("name", "=", broker_name(experiment)), ("ray_namespace", "=", NAMESPACE)],
+                         limit=10, raise_on_missing_output=False)
+    tasks = list_tasks(filters=[("actor_id", "=", actor.actor_id)], detail=True, limit=MAX_TASKS,
+                       raise_on_missing_output=False)
+    calls: dict[str, list] = {}
+    for task in tasks:
+        at = {e["state"]: e["created_ms"] for e in task.events or []}
+        if {"SUBMITTED_TO_WORKER", "RUNNING", "FINISHED"} <= set(at):
+            calls.setdefault(task.func_or_class_name.split(".")[-1], []).append(
+                (at["RUNNING"] - at["SUBMITTED_TO_WORKER"], at["FINISHED"] - at["RUNNING"]))
+    return {method: np.asarray(rows, dtype=float) for method, rows in calls.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = experiment_parser(__doc__)
+    parser.add_argument("--replicas", type=int, default=8, help="R (default: %(default)s)")
+    parser.add_argument("--rule", default="random_peer", choices=TEACHER_RULES,
+                        help="teacher rule (default: %(default)s)")
+    parser.add_argument("--broker-niceness", type=int, nargs="+", default=[0, 15],
+                        help="niceness of the broker, one run each (default: 0 15)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="distillation weight (default: %(default)s)")
+    parser.add_argument("--cpus", type=float, default=2.0, help="CPUs the R replicas share (default: 2)")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per run (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    out = out_folder(args.out, "calls")
+    base = load_config(args.config, args.set, storage_path=str(out), steps=args.steps)
+    base = scaling.config_at(base, args.replicas, args.cpus).replace(
+        method="codistill", **{"codistill.alpha": args.alpha, "codistill.teacher_rule": args.rule})
+    os.environ.setdefault("RAY_MAX_LIMIT_FROM_API_SERVER", str(MAX_TASKS))  # read by the dashboard Ray starts
+    import ray
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, configure_logging=False, log_to_driver=False)
+    clock = Clock()
+    print(f"machine: {machine()}")
+    print(f"command: {command()}")
+    print(f"config: {args.config} {' '.join(args.set)}; R = {args.replicas}, {args.rule}, {base.steps} steps, "
+          f"{args.cpus:g} CPUs shared; results and logs: {out}")
+    print(f"load average at start: {load_average()}", flush=True)
+
+    rows = []
+    for nice in args.broker_niceness:
+        cfg = base.replace(name=f"calls-r{args.replicas}-n{nice}", **{"codistill.broker_niceness": nice})
+        result = run_experiment(cfg, out / "launcher.log")
+        summary = report.load_summaries([result.path]).iloc[0]
+        calls = broker_calls(cfg.name)
+        span_s = result.summary["wall_time_s"]
+        busy_s = sum(c[:, 1].sum() for c in calls.values()) / 1e3
+        print(f"[{clock}] niceness {summary['broker_niceness']:.0f}: round trip p50 {summary['fetch_ms_p50']:.2f} "
+              f"ms, serve CPU p50 {summary['serve_ms_p50']:.3f} ms; the broker executed calls for {busy_s:.1f} s "
+              f"of the run's {span_s:.0f} s (load average {load_average()})", flush=True)
+        for method, c in sorted(calls.items(), key=lambda kv: -kv[1][:, 1].sum()):
+            q, x = c[:, 0], c[:, 1]
+            rows.append([f"{summary['broker_niceness']:.0f}", method, len(c), f"{np.median(x):.1f}",
+                         f"{np.percentile(x, 99):.1f}", f"{x.sum() / 1e3:.2f}", f"{np.median(q):.1f}",
+                         f"{np.percentile(q, 99):.1f}"])
+    print(f"\nper broker method (Ray task events, ms resolution); load average at the end: {load_average()}\n")
+    print(table(["broker niceness", "method", "calls", "executing p50 ms", "executing p99 ms",
+                 "executing total s", "queued p50 ms", "queued p99 ms"], rows, right={0, 2, 3, 4, 5, 6, 7}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
