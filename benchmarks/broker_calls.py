@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Clock, command, experiment_parser, load_average, machine, out_folder,  # noqa: E402
-                    run_experiment, table)
+from common import (Clock, add_codistill_options, codistill_base, command, experiment_parser,  # noqa: E402
+                    load_average, machine, out_folder, run_experiment, start_ray, table)
 
 from ray_codistill import report, scaling  # noqa: E402
 from ray_codistill.broker import NAMESPACE, broker_name  # noqa: E402
-from ray_codistill.config import TEACHER_RULES, load_config  # noqa: E402
+from ray_codistill.config import TEACHER_RULES  # noqa: E402
 
 MAX_TASKS = 100_000  # the State API's cap on one listing (it reads RAY_MAX_LIMIT_FROM_API_SERVER)
 
@@ -52,20 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=8, help="R (default: %(default)s)")
     parser.add_argument("--rule", default="random_peer", choices=TEACHER_RULES,
                         help="teacher rule (default: %(default)s)")
-    parser.add_argument("--broker-niceness", type=int, nargs="+", default=[0, 15],
-                        help="niceness of the broker, one run each (default: 0 15)")
-    parser.add_argument("--alpha", type=float, default=1.0, help="distillation weight (default: %(default)s)")
-    parser.add_argument("--cpus", type=float, default=2.0, help="CPUs the R replicas share (default: 2)")
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per run (default: %(default)s)")
+    add_codistill_options(parser, steps=3000)
     args = parser.parse_args(argv)
 
     out = out_folder(args.out, "calls")
-    base = load_config(args.config, args.set, storage_path=str(out), steps=args.steps)
-    base = scaling.config_at(base, args.replicas, args.cpus).replace(
-        method="codistill", **{"codistill.alpha": args.alpha, "codistill.teacher_rule": args.rule})
+    base = scaling.config_at(codistill_base(args, out), args.replicas, args.cpus).replace(
+        **{"codistill.teacher_rule": args.rule})
     os.environ.setdefault("RAY_MAX_LIMIT_FROM_API_SERVER", str(MAX_TASKS))  # read by the dashboard Ray starts
-    import ray
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, configure_logging=False, log_to_driver=False)
+    start_ray(dashboard=True)
     clock = Clock()
     print(f"machine: {machine()}")
     print(f"command: {command()}")

@@ -32,6 +32,25 @@ def experiment_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_codistill_options(parser: argparse.ArgumentParser, steps: int | None) -> None:
+    """The options of a benchmark of codistillation runs: --alpha, --cpus, --steps (`steps`; None:
+    the config's) and --broker-niceness (one value per run or case)."""
+    parser.add_argument("--alpha", type=float, default=1.0, help="distillation weight (default: %(default)s)")
+    parser.add_argument("--cpus", type=float, default=2.0, help="CPUs the R replicas share (default: 2)")
+    parser.add_argument("--steps", type=int, default=steps,
+                        help=f"optimizer steps per run (default: {steps or 'from the config'})")
+    parser.add_argument("--broker-niceness", type=int, nargs="+", default=[0, 15],
+                        help="niceness of the broker, each in turn (default: 0 15)")
+
+
+def codistill_base(args: argparse.Namespace, out: Path):
+    """The base config of those options: codistill at --alpha, results in `out`, --steps if given."""
+    from ray_codistill.config import load_config
+    fields = {"storage_path": str(out), **({"steps": args.steps} if args.steps else {})}
+    return load_config(args.config, args.set, **fields).replace(method="codistill",
+                                                                 **{"codistill.alpha": args.alpha})
+
+
 def out_folder(out: str | None, prefix: str) -> Path:
     """`--out`, created, or a new temp folder."""
     folder = temp_root(prefix) if out is None else Path(out)
@@ -43,14 +62,15 @@ def temp_root(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"ray_codistill_{prefix}_"))
 
 
-def start_ray(num_cpus: int | None = None) -> None:
+def start_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     """A local Ray of our own (never `ray stop`: other Ray instances on the machine stay alone).
-    No dashboard and no log forwarding: fewer background processes competing for the cores. Run
-    alone: beside another Ray serving a dashboard on port 8265, Ray Train's placement-group
-    cleaner in this one asks that Ray about its controller and ends the run (README, "Notes")."""
+    No log forwarding, and no dashboard unless asked (for the State API): fewer background
+    processes competing for the cores. Run alone: without a dashboard, beside another Ray serving
+    one on port 8265, Ray Train's placement-group cleaner in this one asks that Ray about its
+    controller and ends the run (README, "Notes")."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, configure_logging=False,
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, configure_logging=False,
                  log_to_driver=False)
 
 

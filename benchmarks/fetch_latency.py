@@ -38,11 +38,11 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Clock, command, experiment_parser, load_average, machine, out_folder,  # noqa: E402
-                    run_experiment, start_ray, table)
+from common import (Clock, add_codistill_options, codistill_base, command, experiment_parser,  # noqa: E402
+                    load_average, machine, out_folder, run_experiment, start_ray, table)
 
 from ray_codistill import report, scaling  # noqa: E402
-from ray_codistill.config import TEACHER_RULES, load_config  # noqa: E402
+from ray_codistill.config import TEACHER_RULES  # noqa: E402
 
 SPIN = "import os, time\nos.nice({nice})\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:\n    pass\n"
 
@@ -71,12 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, nargs="+", default=[2, 8], help="values of R (default: 2 8)")
     parser.add_argument("--rules", nargs="+", default=["random_peer"], choices=TEACHER_RULES,
                         help="teacher rules (default: random_peer)")
-    parser.add_argument("--broker-niceness", type=int, nargs="+", default=[0, 15],
-                        help="niceness of the broker, each in turn (default: 0 15)")
-    parser.add_argument("--alpha", type=float, default=1.0, help="distillation weight (default: %(default)s)")
-    parser.add_argument("--cpus", type=float, default=2.0, help="CPUs the R replicas share (default: 2)")
+    add_codistill_options(parser, steps=None)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each case, seeds 0.. (median shown)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's)")
     parser.add_argument("--control", action="store_true",
                         help="also R = 2 beside max(R) - 2 busy processes (see above)")
     args = parser.parse_args(argv)
@@ -84,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--replicas: every R must be >= 2")
 
     out = out_folder(args.out, "fetch")
-    fields = {"storage_path": str(out), **({"steps": args.steps} if args.steps else {})}
-    base = load_config(args.config, args.set, **fields)
-    base = base.replace(method="codistill", **{"codistill.alpha": args.alpha})
+    base = codistill_base(args, out)
     cases = [(rule, nice, r, 0) for nice in args.broker_niceness for rule in args.rules for r in args.replicas]
     if args.control:
         cases += [(rule, nice, 2, max(args.replicas) - 2) for nice in args.broker_niceness for rule in args.rules]

@@ -9,7 +9,8 @@ The broker's work is small and on every replica's path, so it asks for the daemo
 (`codistill.broker_niceness`, default 0).
 
 Lowering a niceness needs CAP_SYS_NICE (root; in a container running as root, `docker run
---cap-add SYS_NICE`) or a matching RLIMIT_NICE; without it the process keeps Ray's niceness and says so.
+--cap-add SYS_NICE`) or a matching RLIMIT_NICE; without it the process keeps Ray's niceness and
+says so.
 """
 
 from __future__ import annotations

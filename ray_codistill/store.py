@@ -312,7 +312,7 @@ class StoreShard:
     """One shard of the teacher store as its own actor (`codistill.broker_shards` > 1); workers
     call it directly, with the experiment token, and the broker merges its counters."""
 
-    def __init__(self, token: str, niceness: int | None = None, **store_args) -> None:
+    def __init__(self, token: str, niceness: int | None = 0, **store_args) -> None:
         take_niceness(niceness)  # the broker's (priority.py)
         self.store = TeacherStore(**store_args)
         self.guard = Guard(token, self.store.counters)
