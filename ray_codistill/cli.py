@@ -75,7 +75,8 @@ def _load(args):
 
 def cmd_run(args) -> int:
     from ray_codistill.errors import ConfigError
-    from ray_codistill.launcher import load_resumable, run
+    from ray_codistill.launcher import run
+    from ray_codistill.results import load_resumable
     if args.resume:
         cfg = load_resumable(args.resume, args.storage or "results")
         result = run(cfg, address=args.address, resume=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ray_codistill.config import METHODS, ConfigError, ExperimentConfig
 from ray_codistill.console import say
-from ray_codistill.launcher import write_parquet
+from ray_codistill.results import write_parquet
 from ray_codistill import launcher, report
 
 

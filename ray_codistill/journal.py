@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ray_codistill.results import write_bytes
+
 
 def _plain(value):
     if isinstance(value, (np.integer, np.floating, np.bool_)):
@@ -68,19 +70,15 @@ class Journal:
             f.write("".join(json.dumps(row, default=_plain) + "\n" for row in rows))
 
     def rewrite_rows(self, rows: list[dict]) -> None:
-        self._atomic(self.rows_path, "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode())
+        write_bytes(self.rows_path, "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode())
 
     def snapshot(self, state_fn, force: bool = False) -> None:
         """Save `state_fn()` when the last snapshot is older than `every_s` (or when forced)."""
         now = time.monotonic()
         if force or now - self._saved >= self.every_s:
             self._saved = now
-            self._atomic(self.state_path, pickle.dumps(state_fn()))
+            write_bytes(self.state_path, pickle.dumps(state_fn()))
 
     def save_final(self, replica: int, final: dict) -> None:
-        self._atomic(self.folder / f"final-r{replica}.pkl", pickle.dumps(final))
+        write_bytes(self.folder / f"final-r{replica}.pkl", pickle.dumps(final))
 
-    def _atomic(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)

@@ -8,20 +8,13 @@ train (console.py), and writes `metrics.parquet` and `summary.json` under `<stor
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ALL_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -31,13 +24,12 @@ from ray_codistill.cluster import connect
 from ray_codistill.config import ConfigError, ExperimentConfig
 from ray_codistill.console import RunProgress, say, train_logging
 from ray_codistill.data import describe, eval_batches, load_splits, probe_split
-from ray_codistill.divergence import churn, ensemble_accuracy
 from ray_codistill.models import check_model
 from ray_codistill.placement import broker_options, check_placement, cluster_nodes, scaling_kwargs
 from ray_codistill.replica import train_loop_per_worker
 from ray_codistill.errors import RunError
-
-ID_COLUMNS = ["experiment", "method", "replica", "seed", "step"]
+from ray_codistill.results import CONFIG_FILE, prepare_folder, resume_folder, write_json, write_results
+from ray_codistill.results import summary as make_summary
 
 
 @dataclass
@@ -46,98 +38,7 @@ class ExperimentResult:
     summary: dict
 
 
-# -- small file helpers ---------------------------------------------------------------------------
-
-def write_atomic(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n"))
-
-
-def write_parquet(path: Path, df: pd.DataFrame) -> None:
-    write_atomic(path, lambda tmp: df.to_parquet(tmp, engine="pyarrow", index=False))
-
-
-def _jsonable(value):
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-def git_revision() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
-        if rev.returncode == 0:
-            return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
-def versions() -> dict:
-    import torch
-    import torchvision
-    return {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__, "pandas": pd.__version__}
-
-
 # -- checks before anything starts ----------------------------------------------------------------
-
-def prepare_folder(cfg: ExperimentConfig, overwrite: bool) -> Path:
-    root = Path(cfg.storage_path).expanduser().resolve()
-    path = root / cfg.name
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"name: experiment folder {path} exists already; pick another name "
-                              f"(--name) or pass --overwrite to replace it")
-        shutil.rmtree(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"storage_path: cannot write to {root}: {err.strerror or err}") from err
-    return path
-
-
-CONFIG_FILE = "config.json"
-
-
-def resume_folder(cfg: ExperimentConfig) -> Path:
-    """The folder of an experiment to resume: it must hold the config its first run wrote."""
-    path = Path(cfg.storage_path).expanduser().resolve() / cfg.name
-    if not (path / CONFIG_FILE).exists():
-        raise ConfigError(f"name: no experiment to resume at {path} (no {CONFIG_FILE}); "
-                          f"check --name and --storage")
-    summary = path / "summary.json"
-    status = json.loads(summary.read_text()).get("status") if summary.exists() else None
-    if status in ("finished", "stopped"):
-        raise ConfigError(f"name: experiment {cfg.name} at {path} has {status} already; nothing to resume")
-    return path
-
-
-def load_resumable(name: str, storage_path: str) -> ExperimentConfig:
-    """The config an experiment started with (written by `run` before any worker starts)."""
-    cfg = ExperimentConfig(name=name, storage_path=storage_path)
-    raw = json.loads((resume_folder(cfg) / CONFIG_FILE).read_text())
-    return ExperimentConfig.from_dict({**raw, "storage_path": storage_path})
-
 
 def check_resources(cfg: ExperimentConfig) -> None:
     """Refuse a run the cluster cannot hold: too few CPUs or GPUs (RunError), or a placement that
@@ -252,12 +153,8 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
         stop_broker(broker)
     wall = time.time() - started
 
-    metrics = _metrics_table(cfg, rows)
-    write_parquet(folder / "metrics.parquet", metrics)
-    if divergence:
-        write_parquet(folder / "divergence.parquet", _tag(cfg, pd.DataFrame(divergence), ["step", "replica_a"]))
-    summary = {**_summary(cfg, final, stats, wall, errors), "broker_memory": memory}
-    write_json(folder / "summary.json", summary)
+    summary = make_summary(cfg, final, stats, wall, errors, memory)
+    write_results(folder, cfg, rows, divergence, summary)
     if errors:
         for r, err in sorted(errors.items()):
             say(f"replica {r} FAILED: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
@@ -279,21 +176,6 @@ def _fmt_accs(summary: dict) -> str:
     return accs + (f", ensemble {ens:.4f}" if ens is not None else "")
 
 
-def _tag(cfg: ExperimentConfig, df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
-    """Sort a table and put experiment, method and seed in front, as every result table has."""
-    df = df.sort_values(order, kind="stable").reset_index(drop=True)
-    df.insert(0, "experiment", cfg.name)
-    df.insert(1, "method", cfg.method)
-    df.insert(2, "seed", cfg.seed)
-    return df
-
-
-def _metrics_table(cfg: ExperimentConfig, rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["replica", "step"])
-    df = _tag(cfg, df, ["replica", "step"])
-    return df[ID_COLUMNS + [c for c in df.columns if c not in ID_COLUMNS]]
-
-
 def _check_niceness(broker, wanted: int | None) -> None:
     """Say so when the broker could not take the niceness it was given (`priority.py`)."""
     got = ray.get(broker.stats.remote())["broker_niceness"]
@@ -303,37 +185,3 @@ def _check_niceness(broker, wanted: int | None) -> None:
             f"(docs/performance.md, \"The broker's priority\")")
 
 
-def _summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, errors: dict) -> dict:
-    replicas = [{**final[r]["result"], "restarts": stats["replicas"][str(r)]["restarts"]} for r in sorted(final)]
-    ensemble, prediction_churn = None, None
-    if len(final) > 1:
-        probs = [final[r]["probs"] for r in sorted(final)]
-        ensemble = ensemble_accuracy(probs, final[sorted(final)[0]]["labels"])
-        prediction_churn = churn(probs)
-    counters = stats["replicas"]
-    return {
-        "experiment": cfg.name, "method": cfg.method, "seed": cfg.seed, "num_models": cfg.num_models,
-        # "stopped": ended early by `ray-codistill stop` (each replica's "steps" says where)
-        "status": "failed" if errors else "stopped" if any(r.get("stopped") for r in replicas) else "finished",
-        "errors": {str(r): repr(e) for r, e in errors.items()},
-        # per worker group: finished, stopped (by `ray-codistill stop`), or failed (a lost replica;
-        # the others' results are kept)
-        "replica_status": {str(r): "failed" if r in errors else "stopped" if final.get(r, {}).get("result", {}).get(
-            "stopped") else "finished" for r in range(cfg.num_models)},
-        "replicas": replicas,
-        # time_budget_s ended some replica before `steps` (each replica's "steps" says where)
-        "budget_reached": any(r.get("budget_reached", False) for r in replicas),
-        "test_acc_mean": float(np.mean([r["test_acc"] for r in replicas])) if replicas else None,
-        "ensemble_test_acc": ensemble,
-        "prediction_churn": prediction_churn,  # share of test samples two replicas label differently
-        "final_divergence": stats["divergence"],
-        "broker_niceness": stats["broker_niceness"],
-        "wall_time_s": wall,
-        "bytes_exchanged": int(sum(c["bytes_in"] + c["bytes_out"] for c in counters.values())),
-        "allreduce_bytes": int(sum(r.get("allreduce_bytes", 0) for r in replicas)),
-        "broker": {r: {k: v for k, v in c.items() if k != "workers"} for r, c in counters.items()},
-        "restarts": {r: c["restarts"] for r, c in counters.items()},
-        "events": stats["events"],  # starts, restarts from checkpoints, resumes, broker restarts
-        "config": cfg.to_dict(), "versions": versions(), "git_rev": git_revision(),
-        "command": " ".join(sys.argv),
-    }

@@ -23,7 +23,7 @@ from ray_codistill import report, tune
 from ray_codistill.config import ExperimentConfig
 from ray_codistill.console import say
 from ray_codistill.errors import ConfigError
-from ray_codistill.launcher import write_parquet
+from ray_codistill.results import write_parquet
 
 PLOT = "accuracy_vs_r.png"
 

@@ -28,7 +28,7 @@ from ray_codistill.cluster import connect
 from ray_codistill.config import METHODS, ExperimentConfig
 from ray_codistill.errors import ClusterError, ConfigError
 from ray_codistill.console import say
-from ray_codistill.launcher import write_parquet
+from ray_codistill.results import write_parquet
 from ray_codistill.placement import cluster_nodes, concurrent_experiments
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
