@@ -33,10 +33,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import (REPO, Clock, command, fmt_bytes, machine, run_experiment, start_ray, table, temp_root)
+from common import REPO, Clock, command, machine, run_experiment, start_ray, temp_root
 
 from ray_codistill.config import ExperimentConfig, load_config
 from ray_codistill.data import load_splits
+from ray_codistill.fmt import human_bytes, markdown_table
 from ray_codistill.models import build_model, count_parameters
 
 METHODS = {  # name -> overrides
@@ -101,16 +102,16 @@ def measure_model(label: str, base: ExperimentConfig, out: Path, clock: Clock) -
     ref = sum(results["allreduce"][0])
     for method, ((m_out, m_in), (a_out, a_in)) in results.items():
         total = m_out + m_in
-        rows.append([method, fmt_bytes(m_out), fmt_bytes(m_in), fmt_bytes(total), f"{total / ref:.2e}",
+        rows.append([method, human_bytes(m_out), human_bytes(m_in), human_bytes(total), f"{total / ref:.2e}",
                      f"1/{ref / total:,.0f}" if total else "0",
-                     fmt_bytes(a_out), fmt_bytes(a_in), fmt_bytes(a_out + a_in)])
-    head = (f"\n{label}: {params:,} parameters ({fmt_bytes(4 * params)} of float32 gradients), state dict "
-            f"{fmt_bytes(state_bytes)}, {splits.num_classes} classes, input {splits.input_shape}, batch "
+                     human_bytes(a_out), human_bytes(a_in), human_bytes(a_out + a_in)])
+    head = (f"\n{label}: {params:,} parameters ({human_bytes(4 * params)} of float32 gradients), state dict "
+            f"{human_bytes(state_bytes)}, {splits.num_classes} classes, input {splits.input_shape}, batch "
             f"{base.batch_size}/worker, {base.replicas} replicas x {base.workers_per_replica} worker(s), "
             f"{base.steps} steps, exchange_batches {base.codistill.exchange_batches}, weights every "
             f"{base.codistill.exchange_every} steps\n")
-    text = head + "\n" + table(["method", "out/step", "in/step", "total/step", "/ allreduce", "fraction",
-                                "expected out", "expected in", "expected total"], rows)
+    text = head + "\n" + markdown_table(["method", "out/step", "in/step", "total/step", "/ allreduce", "fraction",
+                                         "expected out", "expected in", "expected total"], rows)
     return text, sum(results["codistill logits"][0]) / ref
 
 

@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmarks: a local Ray, quiet runs through the real launcher, tables.
+"""Helpers shared by the benchmarks: a local Ray, quiet runs through the real launcher, the machine.
 
 Benchmarks run whole experiments with `ray_codistill.launcher.run`, exactly as a user would;
-results and temporary data go to a temp folder, never into the repository.
+results and temporary data go to a temp folder, never into the repository. Sizes, durations and
+tables read as the library's (`ray_codistill.fmt`); files are written through `ray_codistill.results`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import argparse
 import contextlib
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+
+from ray_codistill.results import git_revision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,15 +64,15 @@ def temp_root(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"ray_codistill_{prefix}_"))
 
 
-def start_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
-    """A local Ray of our own (never `ray stop`: other Ray instances on the machine stay alone).
-    No log forwarding, and no dashboard unless asked (for the State API): fewer background
-    processes competing for the cores. Run alone: without a dashboard, beside another Ray serving
-    one on port 8265, Ray Train's placement-group cleaner in this one asks that Ray about its
+def start_ray(num_cpus: int | None = None) -> None:
+    """A local Ray of our own, always with its dashboard (never `ray stop`: other Ray instances on
+    the machine stay alone). No log forwarding. The dashboard serves the State API that Ray Train's
+    placement-group cleaner asks about its controller, and that broker_calls.py reads; without it,
+    beside another Ray serving one on port 8265, the cleaner asks that other Ray, hears of no such
     controller and ends the run (README, "Notes")."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=dashboard, configure_logging=False,
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, configure_logging=False,
                  log_to_driver=False)
 
 
@@ -101,7 +103,7 @@ def machine() -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     return (f"{platform.node()}: {cores} cores ({usable} usable), {platform.processor() or platform.machine()}; "
             f"python {platform.python_version()}, torch {torch.__version__} "
-            f"(driver threads {torch.get_num_threads()}), ray {ray.__version__}; git {git_revision()}")
+            f"(driver threads {torch.get_num_threads()}), ray {ray.__version__}; git {git_revision(short=True)}")
 
 
 def load_average() -> str:
@@ -109,17 +111,6 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (rev or "unknown") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def command() -> str:
@@ -133,28 +124,6 @@ def steady_rate(metrics: pd.DataFrame, skip_steps: int) -> float:
     if rows.empty:
         raise ValueError(f"no metric rows after step {skip_steps}; run more steps")
     return float(rows.groupby("replica")["perf/samples_per_s"].median().mean())
-
-
-def table(headers: list[str], rows: list[list], right: set[int] | None = None) -> str:
-    """A markdown table (pandas' to_markdown needs `tabulate`, which is not a dependency)."""
-    right = right if right is not None else set(range(1, len(headers)))
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(3, len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]  # "--:" at least
-
-    def line(values):
-        return "| " + " | ".join(v.rjust(w) if i in right else v.ljust(w)
-                                 for i, (v, w) in enumerate(zip(values, widths))) + " |"
-
-    rule = "| " + " | ".join(("-" * (w - 1) + ":") if i in right else "-" * w for i, w in enumerate(widths)) + " |"
-    return "\n".join([line(headers), rule, *(line(r) for r in cells)])
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"  # pragma: no cover
 
 
 class Clock:

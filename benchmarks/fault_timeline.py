@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import ray
+from common import start_ray
 
 from ray_codistill import launcher
 from ray_codistill.config import load_config
+from ray_codistill.fmt import markdown_table
 from ray_codistill.stats import get_stats
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, [f"steps={steps}", "checkpoint_every=500", "replica_max_failures=1",
                                     "method=codistill", "cpus_per_worker=1"],
                       name="fault-timeline", storage_path=storage)
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_ray()
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(result=launcher.run(cfg, progress_every_s=30)), daemon=True)
     thread.start()
@@ -70,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
           f"checkpoint_every={cfg.checkpoint_every}, {os.cpu_count()} CPUs\n")
     timeline = [(e["time"], f"replica {e['replica']} {e['event']} at step {e['step']}") for e in summary["events"]]
     timeline.append((kill_time, f"replica 1 worker SIGKILLed at about step {kill_step}"))
-    print("| t (s) | event |\n| ---: | --- |")
-    for t, what in sorted(timeline):
-        print(f"| {t - start:.1f} | {what} |")
+    print(markdown_table(["t (s)", "event"], [[f"{t - start:.1f}", what] for t, what in sorted(timeline)], right={0}))
     print(f"\nreplica 1 was down {restart['time'] - kill_time:.1f} s, restored step {restart['step']} "
           f"(lost about {kill_step - restart['step']} steps of work); restarts: {summary['restarts']}")
 
@@ -80,12 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     phases = {"before the kill": r0["timestamp"] < kill_time,
               "replica 1 down": (r0["timestamp"] >= kill_time) & (r0["timestamp"] < restart["time"]),
               "after the restart": r0["timestamp"] >= restart["time"]}
-    print(f"\n| replica 0 (rows after the {cfg.codistill.burn_in}-step burn-in) | rows | median samples/s | median teacher age | hit rate |\n| --- | ---: | ---: | ---: | ---: |")
-    for phase, sel in phases.items():
-        rows = r0[sel]
-        if len(rows):
-            print(f"| {phase} | {len(rows)} | {rows['perf/samples_per_s'].median():.0f} | "
-                  f"{rows['distill/teacher_age'].median():.0f} | {rows['distill/hit_rate'].median():.2f} |")
+    rows_of = {phase: r0[sel] for phase, sel in phases.items()}
+    table = [[phase, len(rows), f"{rows['perf/samples_per_s'].median():.0f}",
+              f"{rows['distill/teacher_age'].median():.0f}", f"{rows['distill/hit_rate'].median():.2f}"]
+             for phase, rows in rows_of.items() if len(rows)]
+    print()
+    print(markdown_table([f"replica 0 (rows after the {cfg.codistill.burn_in}-step burn-in)", "rows",
+                          "median samples/s", "median teacher age", "hit rate"], table))
     steps_1 = metrics[metrics["replica"] == 1]["step"]
     print(f"\nreplica 1 rows: {len(steps_1)}, unique steps: {steps_1.is_unique}; final test acc: "
           + ", ".join(f"r{r['replica']} {r['test_acc']:.4f}" for r in summary["replicas"]))

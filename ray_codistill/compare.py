@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ray_codistill.config import METHODS, ConfigError, ExperimentConfig
 from ray_codistill.console import say
+from ray_codistill.fmt import to_markdown
 from ray_codistill.results import write_parquet
 from ray_codistill import launcher, report
 
@@ -39,4 +40,4 @@ def compare(cfg: ExperimentConfig, seeds: list[int], methods: list[str] | None =
     summaries = report.load_summaries(folders)
     write_parquet(group.resolve() / "comparison.parquet", summaries)
     _, plots = report.report(folders, group.resolve())
-    return report.to_markdown(report.comparison_table(summaries)), group.resolve(), plots
+    return to_markdown(report.comparison_table(summaries)), group.resolve(), plots

@@ -32,6 +32,8 @@ import os
 import sys
 from contextlib import AbstractContextManager
 
+from ray_codistill.fmt import duration
+
 # Worker lines the driver does not print (a regex searched in each forwarded line).
 HIDDEN_LINES = r"Reporting training result \d+: TrainingReport\("
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
@@ -85,14 +87,6 @@ def num(x) -> str:
 
 def pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1%}"
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "-"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
 
 def replica_text(row: dict | None, steps: int) -> str:

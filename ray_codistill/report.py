@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pandas as pd
 from ray_codistill.errors import ReportError
+from ray_codistill.fmt import DASH, human_bytes, to_markdown
+from ray_codistill.results import write_atomic
 
 METHOD_ORDER = ("codistill", "independent", "allreduce")
 SUMMARY = "summary.json"
 METRICS = "metrics.parquet"
 DIVERGENCE = "divergence.parquet"
 META_COLUMNS = ("experiment", "method", "replica", "seed", "step")
-DASH = "–"  # en dash: "not applicable", e.g. the ensemble of a single model
 
 
 # --- finding and loading -----------------------------------------------------------------------
@@ -174,20 +175,6 @@ def pct_mean_std(values: pd.Series) -> str:
     return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
 
 
-def human_bytes(n: float) -> str:
-    """Bytes in decimal units, one decimal: 1_234_567 -> "1.2 MB"."""
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return DASH
-    n = float(n)
-    if abs(n) < 1000:
-        return f"{n:.0f} B"
-    for unit in ("kB", "MB", "GB", "TB", "PB"):
-        n /= 1000.0
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
 def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     """One row per method (codistill, independent, allreduce, then others), cells as strings.
 
@@ -229,24 +216,6 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub markdown table: header, alignment row, one line per row (no `tabulate` needed)."""
-
-    def cell(x) -> str:
-        # A bare "|" would split the cell; newlines would end the row.
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    header = [cell(c) for c in table.columns]
-    # Text columns left-aligned, numeric ones right-aligned, as a reader scans them.
-    align = [
-        "---:" if pd.api.types.is_numeric_dtype(table[c]) else "---" for c in table.columns
-    ]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    for row in table.itertuples(index=False):
-        lines.append("| " + " | ".join(cell(x) for x in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
 # --- plots -------------------------------------------------------------------------------------
 
 
@@ -284,7 +253,7 @@ def _plot_metric(metrics: pd.DataFrame, column: str, ylabel: str, path: Path, lo
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(title="method")
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 CURVES = [

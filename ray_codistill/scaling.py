@@ -23,7 +23,8 @@ from ray_codistill import report, tune
 from ray_codistill.config import ExperimentConfig
 from ray_codistill.console import say
 from ray_codistill.errors import ConfigError
-from ray_codistill.results import write_parquet
+from ray_codistill.fmt import DASH, human_bytes, to_markdown
+from ray_codistill.results import write_atomic, write_parquet, write_text
 
 PLOT = "accuracy_vs_r.png"
 
@@ -57,8 +58,8 @@ def study(base: ExperimentConfig, space: tune.SearchSpace, rs: list[int], cpus: 
     rows = pd.concat(frames, ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     write_parquet(out / "scaling.parquet", rows)
-    table = report.to_markdown(scaling_table(rows))
-    (out / "scaling.md").write_text(table)
+    table = to_markdown(scaling_table(rows))
+    write_text(out / "scaling.md", table)
     plot_accuracy(rows, out / PLOT)
     return table, out
 
@@ -76,7 +77,7 @@ def reruns(results: pd.DataFrame, r: int) -> pd.DataFrame:
 def _chosen(params: str) -> str:
     """The chosen values, without those fixed for the whole group (e.g. the teacher rule)."""
     return ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in json.loads(params).items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool)) or report.DASH
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)) or DASH
 
 
 def scaling_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -87,14 +88,14 @@ def scaling_table(rows: pd.DataFrame) -> pd.DataFrame:
         out.append({
             "R": r, "group": group, "chosen": _chosen(g["params"].iloc[0]), "seeds": len(g),
             "test acc": report.pct_mean_std(g["test_acc"]),
-            "ensemble acc": report.DASH if single else report.pct_mean_std(g["ensemble_test_acc"]),
-            "disagreement": report.DASH if single else report.pct_mean_std(g["disagreement"]),
-            "churn": report.DASH if single else report.pct_mean_std(g["churn"]),
+            "ensemble acc": DASH if single else report.pct_mean_std(g["ensemble_test_acc"]),
+            "disagreement": DASH if single else report.pct_mean_std(g["disagreement"]),
+            "churn": DASH if single else report.pct_mean_std(g["churn"]),
             "wall time (s)": f"{g['wall_time_s'].median():.0f}",
-            "fetch p50 / p99 (ms)": report.DASH if g["fetch_ms_p50"].isna().all() else
+            "fetch p50 / p99 (ms)": DASH if g["fetch_ms_p50"].isna().all() else
             f"{g['fetch_ms_p50'].median():.1f} / {g['fetch_ms_p99'].median():.1f}",
-            "broker peak RSS": report.DASH if g["broker_peak_rss_bytes"].isna().all() else
-            report.human_bytes(g["broker_peak_rss_bytes"].median()),
+            "broker peak RSS": DASH if g["broker_peak_rss_bytes"].isna().all() else
+            human_bytes(g["broker_peak_rss_bytes"].median()),
         })
     table = pd.DataFrame(out)
     first = {g: i for i, g in enumerate(dict.fromkeys(rows["group"]))}  # the space file's order
@@ -123,5 +124,5 @@ def plot_accuracy(rows: pd.DataFrame, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
     axes[0].legend()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return path
