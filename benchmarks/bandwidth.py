@@ -1,6 +1,6 @@
 """Wall time by link rate: codistillation against all-reduce across real (emulated) network links.
 
-An emulated cluster (`ray_codistill.emulated`: real Ray nodes in network namespaces, links shaped
+An emulated cluster (`emulated/`: real Ray nodes in network namespaces, links shaped
 with `tc tbf`, rate only): a head holding the broker and the driver, and two worker nodes of one
 CPU each. Every run puts one replica (all-reduce: one worker) on each worker node, so everything a
 replica exchanges crosses its node's link, and through the head's link for the broker.
@@ -34,17 +34,20 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import REPO, Clock, command, fmt_bytes, load_average, machine, run_experiment, table, temp_root
+from common import REPO, Clock, command, load_average, machine, run_experiment, temp_root
 
 from ray_codistill.config import load_config
 from ray_codistill.data import load_splits
-from ray_codistill.emulated import EmulatedCluster, available
+from ray_codistill.fmt import human_bytes, markdown_table
 from ray_codistill.models import build_model, count_parameters
+from ray_codistill.results import write_atomic
+
+sys.path.insert(0, str(REPO))  # the emulated cluster: in the checkout, beside the package (not installed)
+from emulated import EmulatedCluster, available  # noqa: E402
 
 RATES = [None, 1000.0, 100.0, 10.0]  # Mbit/s each way; None: unshaped
 METHODS = {
@@ -205,9 +208,9 @@ def report_table(med: pd.DataFrame, model: str, budget_s: float) -> str:
                      f"{r['steps']:.0f}", f"{r['steps_per_s']:.1f}", f"{r['wall_s']:.1f}", to_target, r["reached"],
                      f"{100 * r['test_acc']:.1f}",
                      "-" if r["teacher_age"] is None or pd.isna(r["teacher_age"]) else f"{r['teacher_age']:.0f}",
-                     fmt_bytes(r["link_bytes"]), f"{link_mbit:.1f}"])
-    return table(["link", "method", "samples/s/worker", "util", "vs unshaped", "steps", "steps/s", "wall s",
-                  "to target", "reached", "test %", "teacher age", "bytes/link", "Mbit/s/link"], rows)
+                     human_bytes(r["link_bytes"]), f"{link_mbit:.1f}"])
+    return markdown_table(["link", "method", "samples/s/worker", "util", "vs unshaped", "steps", "steps/s", "wall s",
+                           "to target", "reached", "test %", "teacher age", "bytes/link", "Mbit/s/link"], rows)
 
 
 def plot(med: pd.DataFrame, measured: dict, budgets: dict, path: Path) -> None:
@@ -239,7 +242,7 @@ def plot(med: pd.DataFrame, measured: dict, budgets: dict, path: Path) -> None:
         axes[0][col].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {load_average()}")
     print(f"results and logs: {out}")
     for m, spec in MODELS.items():
-        print(f"model {m}: {params[m]:,} parameters ({fmt_bytes(4 * params[m])} of float32 gradients per step), "
+        print(f"model {m}: {params[m]:,} parameters ({human_bytes(4 * params[m])} of float32 gradients per step), "
               f"{steps[m]} steps or {budgets[m]:g} s per run, target validation accuracy {spec['target']:.0%}")
     total = len(rates) * len(methods) * len(MODELS) * repeats
     print(f"{total} runs: {len(rates)} link rates x {len(methods)} methods x {len(MODELS)} models x {repeats} "
@@ -306,13 +309,13 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"[{clock}]   {model} {method}: {row['samples_per_s']:,.0f} samples/s/worker, "
                                   f"{row['steps']:.0f} steps in {row['wall_s']:.1f} s, to target "
                                   f"{seconds(row['to_target_s'])}, test {100 * row['test_acc']:.1f}%, "
-                                  f"{fmt_bytes(row['link_bytes'])}/link",
+                                  f"{human_bytes(row['link_bytes'])}/link",
                                   flush=True)
             ok = True
         finally:
             driver.close(kill=not ok)
     df = pd.DataFrame(runs)
-    df.to_csv(out / "runs.csv", index=False)
+    write_atomic(out / "runs.csv", lambda tmp: df.to_csv(tmp, index=False))
     med = medians(df)
     rate_of = {label: float(np.median(v)) for label, v in measured.items()}
 

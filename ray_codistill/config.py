@@ -32,6 +32,7 @@ def _choice(value: Any, key: str, allowed: tuple) -> None:
 
 @dataclass
 class DataConfig:
+    # mnist1d and synthetic are generated here; imagefolder and cifar10 are read from `root`
     name: Literal["mnist1d", "synthetic", "imagefolder", "cifar10"] = "mnist1d"
     root: str | None = None  # folder for imagefolder / cifar10; never downloaded into
     val_fraction: float = 0.1  # carved from the training set; test split is for final figures only
@@ -71,12 +72,12 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adam"] = "adam"
-    lr: float = 1e-2
+    name: Literal["sgd", "adam"] = "adam"  # torch.optim.SGD or torch.optim.Adam
+    lr: float = 1e-2  # the base learning rate, scaled by the warm-up and the schedule
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
     weight_decay: float = 0.0  # coupled L2 (torch's weight_decay), as in the reference study
-    schedule: Literal["constant", "cosine", "step"] = "constant"
+    schedule: Literal["constant", "cosine", "step"] = "constant"  # after the warm-up; cosine decays to min_lr_ratio
     warmup_steps: int = 0  # linear warm-up from 0 before the schedule
     milestones: list[int] = field(default_factory=list)  # step schedule: multiply lr by gamma at these steps
     gamma: float = 0.1  # step schedule factor
@@ -103,11 +104,13 @@ class CodistillConfig:
     alpha: float = 0.5  # weight of the distillation term (forced to 0 for `independent`)
     burn_in: int = 0  # steps with alpha = 0 before distillation starts
     ramp_steps: int = 0  # after burn-in, alpha rises linearly to its value over this many steps
+    # kl: KL(teacher || student) of the softmaxes at `temperature`; mse: squared error of the raw logits
     distance: Literal["kl", "mse"] = "kl"
     temperature: float = 1.0  # kl only: softmax temperature; the term is scaled by T^2
     # how R - 1 peers make one teacher: the mean of their logits, the mean of their probabilities
     # at `temperature` (kl only), or one peer drawn per chunk of samples (per step in weights mode)
     teacher_rule: Literal["mean_logits", "mean_probs", "random_peer"] = "mean_logits"
+    # logits: stale predictions through the broker; weights: peers' models (checkpoint exchange)
     exchange: Literal["logits", "weights"] = "logits"
     exchange_every: int = 50  # weights mode: steps between publications of a replica's weights
     # logits mode: batches fetched / published per broker call. A call costs about a millisecond of
@@ -120,9 +123,10 @@ class CodistillConfig:
     probe_every: int = 100  # steps between probe rounds (0: no divergence statistics)
     wait_for_peers_s: float = 120.0  # at start, wait up to this long for every replica to be up (0: don't)
     topk: int | None = None  # logits mode: keep and send only each sample's k largest logits (kl only)
-    broker_shards: int = 1  # logits mode: split the logits store by sample index over this many actors
+    broker_shards: int = 1  # logits mode: split the logits store by sample index (modulo) over this many actors
     # niceness of the broker and its shards (Ray runs actors at 15, like the training workers they
-    # serve; null: leave it). Lowering it needs CAP_SYS_NICE, else it stays 15 with a warning
+    # serve; null: leave it). Lowering it needs CAP_SYS_NICE (root; in a container, `docker run
+    # --cap-add SYS_NICE`), else it stays 15 with a warning (docs/performance.md)
     broker_niceness: int | None = 0
 
     def __post_init__(self) -> None:
@@ -167,7 +171,8 @@ class PlacementConfig:
     replica_labels: list[dict[str, str]] = field(default_factory=list)
     # entry r: custom resources each worker of replica r asks for (allreduce: all entries equal)
     replica_resources: list[dict[str, float]] = field(default_factory=list)
-    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers of one group over nodes
+    # ScalingConfig(placement_strategy) of every worker group: how its workers spread over nodes
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     broker_labels: dict[str, str] = field(default_factory=dict)  # the broker's node ({}: the driver's)
     broker_resources: dict[str, float] = field(default_factory=dict)  # custom resources the broker asks for
 
@@ -190,10 +195,12 @@ class PlacementConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"  # unique experiment name; results go to <storage_path>/<name>
+    # codistill: replicas learn from each other's stale predictions; allreduce: one model, synchronous
+    # data parallel over all R x W workers; independent: R replicas that exchange nothing (alpha 0)
     method: Literal["codistill", "allreduce", "independent"] = "codistill"
-    replicas: int = 2  # R; allreduce trains one model on R x workers_per_replica workers
+    replicas: int = 2  # R (codistill needs >= 2); allreduce trains one model on R x W workers
     workers_per_replica: int = 1  # W: DDP workers inside one replica's worker group
-    cpus_per_worker: float = 1.0  # fractional values let several worker groups share a small machine
+    cpus_per_worker: float = 1.0  # Ray CPUs per worker; fractions let several worker groups share a small machine
     use_gpu: bool = False  # one GPU per worker; the device comes from Ray Train
     seed: int = 0  # replica r uses seed * 1000 + r for its init and data order
     steps: int = 1000  # optimizer steps per replica (and for allreduce)
@@ -208,10 +215,11 @@ class ExperimentConfig:
     node_wait_s: float | None = None
     # seconds of training each worker group may take (a wall-clock budget, from its first step):
     # a replica past it stops at its next metric row and ends as at `steps` (evaluates, checkpoints,
-    # reports; summary "budget_reached"). null: no budget, `steps` alone ends the run
+    # reports; summary "budget_reached"); a restarted group starts counting again. null: no budget,
+    # `steps` alone ends the run
     time_budget_s: float | None = None
     storage_path: str = "results"  # experiment folders go here (a shared path on multi-node clusters)
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 1000  # batch size of evaluation passes
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -8,7 +8,7 @@ import pytest
 
 from ray_codistill.config import ConfigError, ExperimentConfig, load_config, parse_override
 
-from conftest import CONFIGS
+from conftest import CONFIGS, ROOT
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
@@ -166,3 +166,21 @@ def test_every_checked_key_has_a_row_in_the_invalid_values_table():
     checked = set(re.findall(r'(?<!def )_(?:check|choice)\([^\n]*?,\s*"([a-z_.]+)"', source))
     table = {key for _, key, _ in INVALID}
     assert checked and checked <= table, f"no invalid-value row for: {sorted(checked - table)}"
+
+
+def test_the_configuration_reference_is_current():
+    """docs/configuration.md is generated from config.py (fields, defaults, comments)."""
+    from ray_codistill.config_reference import COMMAND, reference
+    committed = (ROOT / "docs" / "configuration.md").read_text()
+    assert reference() == committed, (f"docs/configuration.md does not match config.py: regenerate it with "
+                                      f"`{COMMAND}` from the repository root")
+
+
+def test_the_reference_lists_every_key_with_a_comment_and_its_default():
+    """Every field has its comment, and the reference's keys and defaults, passed back as `--set`
+    overrides, build the default config: the keys are the ones users write, the defaults true."""
+    from ray_codistill.config_reference import sections, yaml_value
+    keys = [k for section in sections() for k in section.keys]
+    assert [k.key for k in keys if not k.comment] == []
+    assert load_config(overrides=[f"{k.key}={yaml_value(k.default)}" for k in keys]) == ExperimentConfig()
+    assert {"name", "codistill.alpha", "placement.broker_labels", "data.root"} <= {k.key for k in keys}

@@ -1,7 +1,7 @@
-"""Several real Ray nodes on this machine (`ray_codistill.emulated`): a head holding the broker and
-one node per replica, each in its own network namespace, joined by links shaped to 100 Mbit/s.
-Runs are driven as a user would: `ray-codistill run --address HEAD` in the head's namespace, and
-`ray-codistill stats --json --watch` read while they train.
+"""Several real Ray nodes on this machine (the emulated cluster, `emulated/` beside the package):
+a head holding the broker and one node per replica, each in its own network namespace, joined by
+links shaped to 100 Mbit/s. Runs are driven as a user would: `ray-codistill run --address HEAD`
+in the head's namespace, and `ray-codistill stats --json --watch` read while they train.
 
 Needs root (namespaces, veth, tc); without it every test here skips, saying why.
 """
@@ -13,12 +13,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from ray_codistill.emulated import UNSHAPED_SIZING_MBIT
+from emulated import UNSHAPED_SIZING_MBIT
 
 from conftest import CONFIGS, ROOT
 from live import ENDLESS, assert_every_row_once, registered_checkpoints, wait_for
@@ -28,23 +27,16 @@ PINNED = ["--set", "placement.replica_labels=[{emulated-node: n1}, {emulated-nod
           "--set", "placement.broker_labels={emulated-node: n0}"]
 
 
-def test_the_library_never_imports_the_emulated_cluster():
-    """emulated.py is test and benchmark infrastructure: no module of the library imports it."""
-    package = ROOT / "ray_codistill"
-    users = [p.name for p in package.glob("*.py") if p.name != "emulated.py" and "emulated" in p.read_text()]
-    assert users == []
-
-
 def test_without_root_the_reason_is_given(monkeypatch):
-    from ray_codistill import emulated
-    monkeypatch.setattr(emulated.os, "geteuid", lambda: 1000)
-    assert emulated.available() == (False, "network namespaces, veth pairs and tc need root "
-                                           "(this process is not root)")
+    from emulated import netns
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert netns.available() == (False, "network namespaces, veth pairs and tc need root "
+                                        "(this process is not root)")
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray_codistill.emulated import EmulatedCluster, available
+    from emulated import EmulatedCluster, available
     ok, why = available()
     if not ok:
         print(f"\ntest_emulated: skipped, {why}", file=sys.stderr)

@@ -1,35 +1,17 @@
-"""An emulated cluster on one machine: real Ray nodes, each in its own network namespace, joined
-by rate-shaped links. A helper for tests and benchmarks, not part of the training path: the
-library never imports this module (tests/test_emulated.py checks that), and what runs on it runs
-unchanged on a real cluster with `--address`.
-
-Layout of one cluster (slot k, 0 <= k < MAX_SLOTS, so that several can coexist on a machine):
-
-    namespace rcd<k>-br   bridge `br0` and the bridge ends `v<i>` of every veth pair
-    namespace rcd<k>-n<i> node i (0 = head): veth end `rcd0`, address 198.18.<k>.<i+1>/24, lo
-
-Every veth is shaped with `tc ... tbf` at both ends (tbf shapes egress only), so traffic between
-two nodes crosses two shaped links. There is no delay emulation (no `netem` in this kernel): rate
-only. Nothing is put in the host's own namespace, so the emulated nodes reach each other and
-their own loopback only.
+"""Ray on the emulated network: a head and worker nodes, each `ray start --block` inside its own
+namespace (`emulated.netns`), and what tests and benchmarks do with them: run a driver in a
+node's namespace, list the nodes Ray sees, lose a whole node and start it again, reshape the
+links, count the bytes through them and measure their rate.
 
 Each node is `ray start --block` in a process group of its own, with its own `--temp-dir`,
 `--node-ip-address`, `--num-cpus`, the label `emulated-node=n<i>`, and the same
 `RAY_AUTH_MODE=token` / `RAY_AUTH_TOKEN` as every client; `GLOO_SOCKET_IFNAME=rcd0` makes
 torch.distributed use the shaped link rather than loopback. Teardown kills only the processes
-inside the cluster's own namespaces and deletes only its own namespaces; a cluster whose owner
-process is gone (a crashed earlier run) is cleared by the next `EmulatedCluster.start()` or by
-`python -m ray_codistill.emulated down`.
-
-    python -m ray_codistill.emulated up --workers 2 --rate-mbit 100    # until Ctrl-C
-    python -m ray_codistill.emulated down                               # clear leftovers
-
-Needs root (namespaces, veth, tc) and iproute2.
+inside the cluster's own namespaces and deletes only its own namespaces.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -42,137 +24,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PREFIX = "rcd"
-MAX_SLOTS = 8
-IFNAME = "rcd0"  # the node end of every veth: one GLOO_SOCKET_IFNAME for all nodes
-STATE_DIR = Path("/tmp/rcd-emulated")  # slot<k>.json: owner pid and what to clean
+from .netns import (IFNAME, PREFIX, EmulatedClusterError, available, burst_bytes, claim_slot, clear_leftovers,
+                    clear_slot, kill_namespace_processes, sh, wait_namespace_empty)
+
 LABEL = "emulated-node"
 GCS_PORT = 6379  # every node has its own network stack, so the default ports never clash
 UNSHAPED_SIZING_MBIT = 4000  # measure_rate on an unshaped link sends what 4 Gbit/s would carry
-
-
-class EmulatedClusterError(RuntimeError):
-    pass
-
-
-def available() -> tuple[bool, str]:
-    """Whether this process can build an emulated cluster, and if not, why."""
-    if sys.platform != "linux":
-        return False, f"network namespaces need Linux (this is {sys.platform})"
-    if os.geteuid() != 0:
-        return False, "network namespaces, veth pairs and tc need root (this process is not root)"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return False, f"`{tool}` (iproute2) is not installed"
-    probe = f"{PREFIX}-probe{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return False, f"cannot create a network namespace: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return True, ""
-
-
-def _sh(*cmd: str, ns: str | None = None, check: bool = True, timeout: float = 30) -> str:
-    full = (["ip", "netns", "exec", ns] if ns else []) + list(cmd)
-    out = subprocess.run(full, capture_output=True, text=True, timeout=timeout)
-    if check and out.returncode != 0:
-        raise EmulatedClusterError(f"{' '.join(full)} failed: {out.stderr.strip() or out.stdout.strip()}")
-    return out.stdout
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _namespaces() -> list[str]:
-    out = _sh("ip", "netns", "list", check=False)
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def _kill_namespace_processes(ns: str, sig: int = signal.SIGKILL) -> int:
-    """Signal every process whose network namespace is `ns` (all of them belong to this cluster)."""
-    pids = [int(p) for p in _sh("ip", "netns", "pids", ns, check=False).split() if p.isdigit()]
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-    return len(pids)
-
-
-def _wait_namespace_empty(ns: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not _sh("ip", "netns", "pids", ns, check=False).split():
-            return
-        _kill_namespace_processes(ns)
-        time.sleep(0.2)
-
-
-def _slot_namespaces(slot: int) -> list[str]:
-    return [ns for ns in _namespaces() if re.fullmatch(rf"{PREFIX}{slot}-(br|n\d+)", ns)]
-
-
-def _clear_slot(slot: int) -> None:
-    """Kill what runs in a slot's namespaces, delete them and its temp dirs."""
-    namespaces = _slot_namespaces(slot)
-    for ns in namespaces:  # nodes first: the bridge namespace runs nothing
-        _kill_namespace_processes(ns)
-    for ns in namespaces:
-        _wait_namespace_empty(ns)
-        _sh("ip", "netns", "del", ns, check=False)
-    for path in Path("/tmp").glob(f"{PREFIX}{slot}n*"):  # the nodes' temp dirs and their logs
-        if not re.fullmatch(rf"{PREFIX}{slot}n\d+(\.log)?", path.name):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    (STATE_DIR / f"slot{slot}.json").unlink(missing_ok=True)
-
-
-def _slot_owner(slot: int) -> int | None:
-    path = STATE_DIR / f"slot{slot}.json"
-    try:
-        return int(json.loads(path.read_text())["owner"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def clear_leftovers() -> list[int]:
-    """Clear every slot whose owner process is gone (a crashed run); returns the slots cleared."""
-    cleared = []
-    for slot in range(MAX_SLOTS):
-        owner = _slot_owner(slot)
-        if (_slot_namespaces(slot) or owner is not None) and (owner is None or not _pid_alive(owner)):
-            _clear_slot(slot)
-            cleared.append(slot)
-    return cleared
-
-
-def _claim_slot() -> int:
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    for slot in range(MAX_SLOTS):
-        path = STATE_DIR / f"slot{slot}.json"
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: two runs never share a slot
-        except FileExistsError:
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"owner": os.getpid()}, f)
-        return slot
-    raise EmulatedClusterError(f"all {MAX_SLOTS} emulated-cluster slots are in use ({STATE_DIR})")
-
-
-def _burst_bytes(rate_mbit: float) -> int:
-    # tbf needs at least rate / HZ per tick plus a packet; 10 ms of traffic, not less than 64 KiB
-    return max(64 * 1024, int(rate_mbit * 1e6 / 8 * 0.01))
 
 
 @dataclass
@@ -246,7 +103,7 @@ class EmulatedCluster:
         if not ok:
             raise EmulatedClusterError(why)
         clear_leftovers()
-        self.slot = _claim_slot()
+        self.slot = claim_slot()
         try:
             self._network()
             self.nodes = [self._node(i) for i in range(self.workers + 1)]
@@ -268,20 +125,20 @@ class EmulatedCluster:
 
     def _network(self) -> None:
         br = self.bridge_ns
-        _sh("ip", "netns", "add", br)
-        _sh("ip", "link", "set", "lo", "up", ns=br)
-        _sh("ip", "link", "add", "br0", "type", "bridge", ns=br)
-        _sh("ip", "link", "set", "br0", "up", ns=br)
+        sh("ip", "netns", "add", br)
+        sh("ip", "link", "set", "lo", "up", ns=br)
+        sh("ip", "link", "add", "br0", "type", "bridge", ns=br)
+        sh("ip", "link", "set", "br0", "up", ns=br)
         for i in range(self.workers + 1):
             ns = f"{PREFIX}{self.slot}-n{i}"
-            _sh("ip", "netns", "add", ns)
-            _sh("ip", "link", "set", "lo", "up", ns=ns)
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "set", "lo", "up", ns=ns)
             # made in the bridge namespace, the node end moved into the node's: nothing in the host's
-            _sh("ip", "link", "add", f"v{i}", "type", "veth", "peer", "name", IFNAME, "netns", ns, ns=br)
-            _sh("ip", "link", "set", f"v{i}", "master", "br0", ns=br)
-            _sh("ip", "link", "set", f"v{i}", "up", ns=br)
-            _sh("ip", "addr", "add", f"198.18.{self.slot}.{i + 1}/24", "dev", IFNAME, ns=ns)
-            _sh("ip", "link", "set", IFNAME, "up", ns=ns)
+            sh("ip", "link", "add", f"v{i}", "type", "veth", "peer", "name", IFNAME, "netns", ns, ns=br)
+            sh("ip", "link", "set", f"v{i}", "master", "br0", ns=br)
+            sh("ip", "link", "set", f"v{i}", "up", ns=br)
+            sh("ip", "addr", "add", f"198.18.{self.slot}.{i + 1}/24", "dev", IFNAME, ns=ns)
+            sh("ip", "link", "set", IFNAME, "up", ns=ns)
         self.set_rate(self.rate_mbit)
 
     def _link_ends(self):
@@ -297,10 +154,10 @@ class EmulatedCluster:
             raise ValueError(f"rate_mbit: got {rate_mbit}, must be > 0 (None: unshaped)")
         for dev, ns in self._link_ends():
             if rate_mbit is None:
-                _sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)  # none there: fine
+                sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)  # none there: fine
             else:
-                _sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
-                    "burst", str(_burst_bytes(rate_mbit)), "latency", "50ms", ns=ns)
+                sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit",
+                    "burst", str(burst_bytes(rate_mbit)), "latency", "50ms", ns=ns)
         self.rate_mbit, self.measured_mbit = rate_mbit, None
 
     def _start_node(self, node: Node) -> None:
@@ -401,8 +258,8 @@ class EmulatedCluster:
             raise ValueError("the head runs the driver; kill a worker node")
         node = self.nodes[index]
         node.up, node.starts = False, 0
-        _kill_namespace_processes(node.ns)
-        _wait_namespace_empty(node.ns)
+        kill_namespace_processes(node.ns)
+        wait_namespace_empty(node.ns)
         if node.proc is not None:
             node.proc.wait(timeout=30)
 
@@ -418,11 +275,11 @@ class EmulatedCluster:
         link is shaped, else from the devices' own (`ip -s link`); each counts from when its
         qdisc or device was made, so take differences within one rate."""
         def sent(dev: str, ns: str) -> int:
-            text = _sh("tc", "-s", "qdisc", "show", "dev", dev, ns=ns)
+            text = sh("tc", "-s", "qdisc", "show", "dev", dev, ns=ns)
             match = re.search(r"tbf.*?Sent (\d+) bytes", text, re.S)
             if match:
                 return int(match.group(1))
-            link, = json.loads(_sh("ip", "-j", "-s", "link", "show", "dev", dev, ns=ns))
+            link, = json.loads(sh("ip", "-j", "-s", "link", "show", "dev", dev, ns=ns))
             return int(link["stats64"]["tx"]["bytes"])
         return {"out": sent(IFNAME, self.nodes[index].ns), "in": sent(f"v{index}", self.bridge_ns)}
 
@@ -453,7 +310,7 @@ class EmulatedCluster:
                     node.proc.wait(timeout=5)  # then SIGKILL: the namespaces go anyway
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     pass
-        _clear_slot(self.slot)  # whatever is left in the namespaces, the namespaces, the temp dirs
+        clear_slot(self.slot)  # whatever is left in the namespaces, the namespaces, the temp dirs
         for node in self.nodes:
             Path(f"{node.temp_dir}.log").unlink(missing_ok=True)
         self.slot = None
@@ -503,34 +360,3 @@ while sent < n:
     sent += s.send(buf[: min(len(buf), n - sent)])
 s.close()
 """
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ray_codistill.emulated", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="bring a cluster up, print how to use it, keep it until Ctrl-C")
-    up.add_argument("--workers", type=int, default=2)
-    up.add_argument("--rate-mbit", type=float, default=100.0)
-    up.add_argument("--head-cpus", type=float, default=1.0)
-    up.add_argument("--worker-cpus", type=float, default=1.0)
-    sub.add_parser("down", help="clear what crashed earlier runs left (namespaces, processes, temp dirs)")
-    args = ap.parse_args(argv)
-    if args.command == "down":
-        print(f"cleared slot(s): {clear_leftovers() or 'none'}")
-        return 0
-    cluster = EmulatedCluster(args.workers, args.rate_mbit, args.head_cpus, args.worker_cpus)
-    with cluster:
-        print(cluster.describe())
-        print(f"measured n1 -> n0: {cluster.measure_rate(1, 0):.1f} Mbit/s" if args.workers else "")
-        print(f"a driver: ip netns exec {cluster.head.ns} env RAY_AUTH_MODE=token RAY_AUTH_TOKEN={cluster.token} "
-              f"GLOO_SOCKET_IFNAME={IFNAME} ray-codistill run configs/smoke.yaml --address {cluster.address}")
-        print("Ctrl-C tears it down", flush=True)
-        try:
-            signal.pause()
-        except KeyboardInterrupt:
-            pass
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
