@@ -44,10 +44,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (Clock, add_codistill_options, codistill_base, command, experiment_parser,  # noqa: E402
-                    load_average, machine, out_folder, run_experiment, start_ray, table)
+                    load_average, machine, out_folder, run_experiment, start_ray)
 
 from ray_codistill import report, scaling  # noqa: E402
 from ray_codistill.config import TEACHER_RULES  # noqa: E402
+from ray_codistill.fmt import human_bytes, markdown_table  # noqa: E402
 
 SPIN = "import os, time\nos.nice({nice})\nend = time.monotonic() + {s}\nwhile time.monotonic() < end:\n    pass\n"
 
@@ -160,13 +161,12 @@ def main(argv: list[str] | None = None) -> int:
                            f"{m['fetch_ms_p50']:.2f}", each, f"{m['fetch_ms_p99']:.1f}", each99,
                            f"{m['serve_ms_p50']:.3f}",
                            f"{m['serve_ms_p99']:.3f}", f"{m['wall_time_s']:.0f}",
-                           report.human_bytes(m["broker_peak_rss_bytes"])])
+                           human_bytes(m["broker_peak_rss_bytes"])])
     print(f"\nmedians over runs (each run: the median of its replicas' p50s, the worst p99); "
           f"load average at the end: {load_average()}\n")
-    print(table(["rule", "broker niceness", "R", "busy procs", "stats watched", "runs", "round trip p50 ms",
-                 "each run", "round trip p99 ms", "each run", "serve CPU p50 ms", "serve CPU p99 ms", "wall s",
-                 "broker peak RSS"], table_rows, right=set(range(1, 14)) - {4}))
-    print()
+    print(markdown_table(["rule", "broker niceness", "R", "busy procs", "stats watched", "runs", "round trip p50 ms",
+                          "each run", "round trip p99 ms", "each run", "serve CPU p50 ms", "serve CPU p99 ms",
+                          "wall s", "broker peak RSS"], table_rows, right=set(range(1, 14)) - {4}))
     lo, hi = min(args.replicas), max(args.replicas)
     for rule, broker_nice in [(rule, nice) for nice in args.broker_niceness for rule in args.rules]:
         a, b = med[(rule, broker_nice, lo, 0, False)], med[(rule, broker_nice, hi, 0, False)]

@@ -33,9 +33,10 @@ import sys
 import time
 
 from common import (Clock, command, experiment_parser, load_average, machine, out_folder, run_experiment,
-                    start_ray, steady_rate, table, worker_torch_threads)
+                    start_ray, steady_rate, worker_torch_threads)
 
 from ray_codistill.config import ExperimentConfig, load_config
+from ray_codistill.fmt import markdown_table
 
 RAY_RUNS = {  # name -> overrides of the base config
     "independent": {"method": "independent"},
@@ -152,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{med[n] / med['independent']:.3f}"] for n in names]
     print(f"\nsamples/s of one replica (allreduce: of one worker), median of {args.repeats} "
           f"(load average at the end: {load_average()})\n")
-    print(table(["run", "samples/s", "each repeat", "/ plain", "/ independent"], rows))
-    print()
+    print(markdown_table(["run", "samples/s", "each repeat", "/ plain", "/ independent"], rows))
     for name, target in ((n, t) for n, t in TARGETS.items() if n in med):
         ratio = med[name] / med["independent"]
         print(f"{name}/independent = {ratio:.3f} (target >= {target}: {'met' if ratio >= target else 'NOT met'})")

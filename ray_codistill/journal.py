@@ -1,14 +1,17 @@
-"""What a broker must not lose when it is killed: written under `<experiment>/broker/`.
+"""What the ledger and the broker must not lose when Ray restarts them: under `<experiment>/broker/`.
 
+The ledger's (`ledger.py`):
 - `rows.jsonl`: every metric row, appended (and flushed to the OS) as it arrives, so a killed
-  broker loses none; a row of a (replica, step) seen twice replaces the older one on reload;
-- `state.pkl`: a snapshot of everything else (exchange counters, divergence history, progress,
-  workers, events), rewritten atomically at most once per `every_s` and on rare events;
+  ledger loses none; a row of a (replica, step) seen twice replaces the older one on reload;
+- `state.pkl`: a snapshot of everything else (divergence history, progress, workers, events,
+  status, the exchange counters it was last sent), rewritten atomically at most once per
+  `every_s` and on rare events;
 - `final-r<R>.pkl`: a replica's final figures and test predictions, written once.
 
-The teacher store itself is not kept: after a restart peers republish it within a pass over
-their data, and until then a fetch is a miss. `Broker.__init__` reloads all of this, so Ray's
-restart of a killed broker, and `ray-codistill run --resume`, start from what was recorded.
+The broker's (`broker.py`): `exchange.pkl`, a snapshot of its counters, steps and registered
+workers. The teacher store itself is not kept: after a restart peers republish it within a pass
+over their data, and until then a fetch is a miss. Each actor reloads its part when it starts, so
+Ray's restart of a killed actor, and `ray-codistill run --resume`, start from what was recorded.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ def _plain(value):
 
 
 class Journal:
-    def __init__(self, experiment_folder: str | os.PathLike, every_s: float = 1.0) -> None:
+    def __init__(self, experiment_folder: str | os.PathLike, every_s: float = 1.0,
+                 state_name: str = "state.pkl") -> None:
         self.folder = Path(experiment_folder) / "broker"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.every_s = every_s
         self.rows_path = self.folder / "rows.jsonl"
-        self.state_path = self.folder / "state.pkl"
+        self.state_path = self.folder / state_name
         self._saved = 0.0
 
     # -- reload -----------------------------------------------------------------------------------

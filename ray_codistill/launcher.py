@@ -1,9 +1,10 @@
-"""Runs one experiment: checks, the broker, the worker groups, and the result files.
+"""Runs one experiment: checks, the ledger and the broker, the worker groups, and the result files.
 
 `run(cfg)` checks everything that can be checked before a worker starts (data, model, storage,
-resources), attaches to Ray (local when no address is given), starts the experiment's broker and
-fits one `TorchTrainer` per replica concurrently (one for `allreduce`), shows progress while they
-train (console.py), and writes `metrics.parquet` and `summary.json` under `<storage_path>/<name>`.
+resources), attaches to Ray (local when no address is given), starts the experiment's ledger and
+broker and fits one `TorchTrainer` per replica concurrently (one for `allreduce`), shows progress
+while they train (console.py), and writes the result files (`results.py`) under
+`<storage_path>/<name>`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ALL_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from ray_codistill.broker import new_token, start_broker, stop_broker
+from ray_codistill.broker import ExchangeSettings, start_broker
 from ray_codistill.cluster import connect
 from ray_codistill.config import ConfigError, ExperimentConfig
 from ray_codistill.console import RunProgress, say, train_logging
@@ -28,6 +30,8 @@ from ray_codistill.models import check_model
 from ray_codistill.placement import broker_options, check_placement, cluster_nodes, scaling_kwargs
 from ray_codistill.replica import train_loop_per_worker
 from ray_codistill.errors import RunError
+from ray_codistill.guard import new_token
+from ray_codistill.ledger import ledger_name, start_ledger
 from ray_codistill.results import CONFIG_FILE, prepare_folder, resume_folder, write_json, write_results
 from ray_codistill.results import summary as make_summary
 
@@ -86,8 +90,9 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     come every `progress_every_s`, or every second while live progress is drawn on a terminal
     under `heading` (console.RunProgress).
     `resume=True` continues an experiment whose driver died: each replica restarts from its
-    latest checkpoint in the experiment folder, and the broker reloads the rows and counters it
-    had journalled there (rows after a replica's checkpoint are dropped and logged again).
+    latest checkpoint in the experiment folder, and the ledger and the broker reload the rows and
+    counters they had journalled there (rows after a replica's checkpoint are dropped and logged
+    again).
     """
     # everything that can refuse the run comes before the folder: a refused run touches no results
     splits = load_splits(cfg.data)
@@ -111,46 +116,30 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
         probe = probe_split(splits, cfg.codistill.probe_size)
         probe_labels = np.concatenate([y.numpy() for _, y, _ in eval_batches(probe, cfg.eval_batch_size)])
     token = new_token()
-    cc = cfg.codistill
-    broker = start_broker(cfg.name, cfg.num_models, len(splits.train), splits.num_classes, cc.max_staleness,
-                          cfg.method, probe_labels, token, str(folder), cc.topk, cc.broker_shards,
-                          broker_options(cfg), cc.teacher_rule, cc.temperature, cfg.seed, cc.broker_niceness)
-    _check_niceness(broker, cc.broker_niceness)
-    if cfg.node_wait_s is not None:
-        # how long Ray Train waits for the resources of a worker group (at start, and after a node
-        # is lost); read by each trainer's controller when it starts (Ray Train propagates it).
-        # Only when asked: the variable also goes into the workers' runtime env, which then cannot
-        # use Ray's prestarted worker processes
-        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{cfg.node_wait_s:g}"
-    if resume:
-        ray.get(broker.note.remote("resumed"))
-        say("resuming from the replicas' latest checkpoints")
-    splits_ref = ray.put(splits)
-    trainers = [_trainer(cfg, r, splits_ref, folder, token) for r in range(cfg.num_models)]
-    errors: dict[int, BaseException] = {}
+    ledger = start_ledger(experiment=cfg.name, num_replicas=cfg.num_models, method=cfg.method, token=token,
+                          probe_labels=probe_labels, folder=str(folder), broker_shards=cfg.codistill.broker_shards)
+    exchange = None
     try:
-        with ThreadPoolExecutor(max_workers=len(trainers), thread_name_prefix="replica") as pool, \
-                RunProgress(cfg.num_models, cfg.steps, heading or f"experiment {cfg.name}",
-                            every_s=progress_every_s) as shown:
-            futures = [pool.submit(t.fit) for t in trainers]
-            while wait(futures, timeout=shown.poll_s, return_when=ALL_COMPLETED).not_done:
-                try:
-                    progress = ray.get(broker.progress.remote(), timeout=10)
-                except Exception as err:  # progress is best-effort; training goes on
-                    say(f"progress unavailable: {type(err).__name__}")
-                    continue
-                shown.update(progress)
-                if on_progress is not None:
-                    on_progress(progress)
-            for r, f in enumerate(futures):
-                if f.exception() is not None:
-                    errors[r] = f.exception()
-        broker.set_status.remote("finished")
-        rows, final, stats, divergence, memory = ray.get([
-            broker.rows.remote(), broker.final.remote(), broker.stats.remote(), broker.divergence.remote(),
-            broker.memory.remote()])
+        settings = ExchangeSettings.from_config(cfg, len(splits.train), splits.num_classes, token, str(folder),
+                                                ledger_name(cfg.name))
+        exchange = start_broker(settings, placement=broker_options(cfg))
+        ray.get(ledger.exchange_report.remote(*exchange.reports()))  # stats know the broker from the start
+        _check_niceness(exchange, cfg.codistill.broker_niceness)
+        if resume:
+            ray.get(ledger.note.remote("resumed"))
+            say("resuming from the replicas' latest checkpoints")
+        splits_ref = ray.put(splits)
+        trainers = [_trainer(cfg, r, splits_ref, folder, token) for r in range(cfg.num_models)]
+        with _trainer_env(cfg):
+            errors = _fit(cfg, trainers, ledger, progress_every_s, on_progress, heading)
+        ledger.set_status.remote("finished")
+        ray.get(ledger.exchange_report.remote(*exchange.reports()))  # the counters at the end, exactly
+        memory = exchange.memory()
+        rows, final, stats, divergence = ray.get([
+            ledger.rows.remote(), ledger.final.remote(), ledger.stats.remote(), ledger.divergence.remote()])
     finally:
-        stop_broker(broker)
+        for actor in [ledger, *(exchange.actors if exchange else [])]:
+            ray.kill(actor)
     wall = time.time() - started
 
     summary = make_summary(cfg, final, stats, wall, errors, memory)
@@ -170,15 +159,60 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     return ExperimentResult(folder, summary)
 
 
+def _fit(cfg: ExperimentConfig, trainers: list[TorchTrainer], ledger, progress_every_s: float, on_progress,
+         heading: str | None) -> dict[int, BaseException]:
+    """Fit the worker groups at once, showing the ledger's progress; the errors of those that failed."""
+    errors: dict[int, BaseException] = {}
+    with ThreadPoolExecutor(max_workers=len(trainers), thread_name_prefix="replica") as pool, \
+            RunProgress(cfg.num_models, cfg.steps, heading or f"experiment {cfg.name}",
+                        every_s=progress_every_s) as shown:
+        futures = [pool.submit(t.fit) for t in trainers]
+        while wait(futures, timeout=shown.poll_s, return_when=ALL_COMPLETED).not_done:
+            try:
+                progress = ray.get(ledger.progress.remote(), timeout=10)
+            except Exception as err:  # progress is best-effort; training goes on
+                say(f"progress unavailable: {type(err).__name__}")
+                continue
+            shown.update(progress)
+            if on_progress is not None:
+                on_progress(progress)
+        for r, f in enumerate(futures):
+            if f.exception() is not None:
+                errors[r] = f.exception()
+    return errors
+
+
+@contextmanager
+def _trainer_env(cfg: ExperimentConfig):
+    """Environment variables this run's trainers read, set while they are fitted and restored
+    after, so a later run in the same process (compare, Tune, tests) starts from the user's.
+
+    With `node_wait_s`: how long Ray Train waits for the resources of a worker group (at start,
+    and after a node is lost), read by each trainer's controller when it starts (Ray Train
+    propagates it). Only when asked: the variable also goes into the workers' runtime env, which
+    then cannot use Ray's prestarted worker processes."""
+    wanted = {} if cfg.node_wait_s is None else {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{cfg.node_wait_s:g}"}
+    before = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _fmt_accs(summary: dict) -> str:
     accs = " ".join(f"r{r['replica']}={r['test_acc']:.4f}" for r in summary["replicas"])
     ens = summary.get("ensemble_test_acc")
     return accs + (f", ensemble {ens:.4f}" if ens is not None else "")
 
 
-def _check_niceness(broker, wanted: int | None) -> None:
+def _check_niceness(exchange, wanted: int | None) -> None:
     """Say so when the broker could not take the niceness it was given (`priority.py`)."""
-    got = ray.get(broker.stats.remote())["broker_niceness"]
+    got = ray.get(exchange.broker.describe.remote())["niceness"]
     if wanted is not None and got != wanted:
         say(f"warning: the broker runs at niceness {got}, not codistill.broker_niceness={wanted} (lowering a "
             f"niceness needs CAP_SYS_NICE): where replicas keep its node's cores busy, its answers wait for a core "

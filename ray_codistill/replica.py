@@ -2,18 +2,17 @@
 
 Each worker of a replica's worker group runs `train_loop_per_worker`. Per step it goes:
 fetch teachers -> forward -> loss -> step -> publish -> evaluate -> report. Replicas meet only
-through the broker (teacher material, metric rows); inside a replica, DDP synchronises gradients.
+through the broker (teacher material) and record the run in the ledger (registration, metric rows,
+probe logits, the final result); inside a replica, DDP synchronises gradients.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import socket
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,18 @@ import ray.train.torch
 import torch
 import torch.nn.functional as F
 
-from ray_codistill.broker import BrokerClient
+from ray_codistill.client import BrokerClient, LedgerClient
 from ray_codistill.config import ExperimentConfig
 from ray_codistill.errors import NonFiniteError
 from ray_codistill.data import eval_batches, probe_split, train_batches, train_indices
 from ray_codistill.loss import alpha_at, codistill_loss
 from ray_codistill.models import build_model
 from ray_codistill.optim import build_optimizer
-from ray_codistill.store import draw_peer
+from ray_codistill.teachers import Lookahead, LogitsTeacher, WeightsTeacher
 
 
 FINISH_TIMEOUT_S = 300.0
-PREFETCH_LEAD_STEPS = 4  # logits mode: steps between asking for a chunk of teachers and using it
+LEDGER_TIMEOUT_S = 10.0  # the rendezvous and the stop flag: answers nothing in a step waits for
 
 
 def replica_seed(seed: int, replica: int) -> int:
@@ -44,199 +43,6 @@ def replica_seed(seed: int, replica: int) -> int:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-class Lookahead:
-    """An iterator that can show its next items without consuming them."""
-
-    def __init__(self, it) -> None:
-        self.it, self.buffer = it, deque()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.buffer.popleft() if self.buffer else next(self.it)
-
-    def peek(self, n: int) -> list:
-        while len(self.buffer) < n:
-            self.buffer.append(next(self.it))
-        return list(itertools.islice(self.buffer, n))
-
-
-class LogitsTeacher:
-    """Peers' stored logits for our batches, `chunk` batches per broker call, asked ahead.
-
-    The teachers of the next `chunk` steps are asked for `lead` steps before the first of them
-    trains, so a step seldom waits on the broker (at most `fetch_timeout_s`, when the answer is
-    late); our own logits are sent `chunk` batches at a time, fire-and-forget.
-    What this costs a step is measured by benchmarks/overhead.py; what it is made of:
-    - a Ray actor call costs about a millisecond of CPU on both sides (the worker's submission,
-      the broker's execution), and on a machine without spare cores the broker's share is taken
-      from the workers: fewer, larger calls (`chunk`) keep it off the training step;
-    - per chunk, not per step: one float16 -> float32 conversion and copy of the answer (Ray's
-      arrays are read-only), one copy of our logits to float16 on the CPU (one device sync);
-      per step only views of those;
-    - a batch whose samples all have a teacher goes without a mask (boolean indexing and its
-      backward cost more than the distillation term itself on a small model).
-    With `topk`, only each sample's k largest logits and their classes are published. With
-    `probs` (the `mean_probs` rule) the broker answers with probabilities, which are scaled back
-    to a sum of 1 once per chunk (float16 leaves them up to about 1e-3 off).
-    """
-
-    def __init__(self, client: BrokerClient, chunk: int, device: torch.device, topk: int | None = None,
-                 lead: int | None = None, probs: bool = False) -> None:
-        self.client, self.chunk, self.device, self.topk, self.probs = client, chunk, device, topk, probs
-        # steps between asking for a chunk and its first step: long enough for a broker round
-        # trip, short because every step of lead adds a step of staleness to the chunk's teachers
-        self.lead = min(chunk, PREFETCH_LEAD_STEPS) if lead is None else lead
-        self.cache: dict[int, tuple] = {}  # step -> (logits, mask or None, ages of the hits)
-        self.pending = None  # (first step, batch sizes, ref) of the chunk in flight
-        self.next_step: int | None = None  # first step whose teachers were not asked for yet
-        self.outbox: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, idx, logits)
-
-    def _receive(self) -> None:
-        first, sizes, ref = self.pending
-        self.pending = None
-        answer = self.client.resolve(ref)
-        if answer is None or answer[0] is None:
-            return  # broker late or gone, or no peer has published yet: these steps go without
-        logits, mask, age = answer
-        logits = torch.from_numpy(logits.astype(np.float32)).to(self.device)  # astype copies: writable
-        if self.probs:  # rows without a teacher are all 0 and stay so
-            logits /= logits.sum(1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
-        bounds = np.cumsum([0, *sizes])
-        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-            m = mask[lo:hi]
-            if m.all():
-                self.cache[first + i] = (logits[lo:hi], None, age[lo:hi])
-            elif m.any():
-                self.cache[first + i] = (logits[lo:hi], torch.from_numpy(m.copy()).to(self.device), age[lo:hi][m])
-            # no teacher for any sample of the batch: the step trains on labels alone
-
-    def _request(self, step: int, upcoming: Lookahead) -> None:
-        offset = self.next_step - (step + 1)  # `upcoming` starts at step + 1
-        idx = [b.numpy() for b in upcoming.peek(offset + self.chunk)[offset:]]
-        self.pending = (self.next_step, [len(i) for i in idx],
-                        self.client.fetch_async(np.concatenate(idx), self.next_step))
-        self.next_step += self.chunk
-
-    def teacher(self, x: torch.Tensor, step: int, device: torch.device, upcoming: Lookahead):
-        if self.pending is not None and self.pending[0] <= step:
-            self._receive()  # due now: waits for the answer, at most fetch_timeout_s
-        if self.next_step is None or self.next_step <= step:
-            # first call, or we fell behind (a late or empty answer): ask from the next step on;
-            # requests are paced by `lead`, so missed chunks never push them further ahead
-            self.next_step = step + 1
-        if self.pending is None and self.next_step <= step + self.lead:
-            self._request(step, upcoming)
-        for old in [s for s in self.cache if s < step]:
-            del self.cache[old]
-        return self.cache.pop(step, None)
-
-    def publish(self, step: int, idx: torch.Tensor, logits: torch.Tensor) -> None:
-        self.outbox.append((step, idx, logits.detach()))
-        if len(self.outbox) >= self.chunk:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.outbox:
-            return
-        steps = np.repeat([s for s, _, _ in self.outbox], [len(i) for _, i, _ in self.outbox])
-        logits = torch.cat([z for _, _, z in self.outbox])
-        classes = None
-        if self.topk is not None:  # only the k largest logits and their classes leave the worker
-            dtype = torch.int16 if logits.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
-            logits, classes = logits.topk(self.topk, dim=1)
-            classes = classes.to("cpu", dtype).numpy()
-        logits = logits.to("cpu", torch.float16).numpy()
-        if not np.isfinite(logits).all():  # already on the CPU: this check costs no device sync
-            raise NonFiniteError(f"replica {self.client.replica}: non-finite logits at steps "
-                                 f"{steps[0]}-{steps[-1]}; not published, restarting from the last checkpoint")
-        self.client.publish(steps, torch.cat([i for _, i, _ in self.outbox]).numpy(), logits, classes)
-        self.outbox = []
-
-
-class WeightsTeacher:
-    """Local eval-mode copies of the peers' latest published weights, run on our own batch.
-
-    Every `every` steps we ask the broker for the peers' newest state dicts and load them as soon
-    as the answer arrives (never waiting for it); until then the older teacher serves.
-    `rule` (`codistill.teacher_rule`) makes one teacher of the loaded peers, as the broker does in
-    logits mode: the mean of their logits, the mean of their softmax(z / `temperature`) (then the
-    teacher is probabilities), or one peer per step drawn from `seed`, our replica and the step
-    among the loaded peers (`store.draw_peer`), whose forward pass alone is run: one extra pass
-    per step whatever R.
-    """
-
-    def __init__(self, client: BrokerClient, model_fn, every: int, device: torch.device,
-                 rule: str = "mean_logits", temperature: float = 1.0, seed: int = 0) -> None:
-        self.client, self.model_fn, self.every, self.device = client, model_fn, every, device
-        self.rule, self.temperature, self.seed = rule, temperature, seed
-        self.peers: dict[int, tuple[torch.nn.Module, int]] = {}  # peer -> (model, weights step)
-        # peer -> how many steps the peer was ahead of us when the broker last answered; a teacher's
-        # age in the peer's own steps is then (our step + lead) - the step of its weights
-        self.lead: dict[int, int] = {}
-        self.pending = None
-        self.tally = {"hits": 0, "misses": 0, "ages": [], "bytes": 0}
-
-    def _load(self, answer: dict, my_step: int) -> None:
-        for peer, (step, peer_latest, ref) in answer.items():
-            self.lead[peer] = peer_latest - my_step
-            if peer in self.peers and self.peers[peer][1] >= step:
-                continue
-            try:
-                state = ray.get(ref[0], timeout=max(self.client.timeout_s, 10.0))
-            except Exception:  # the owner of the object died: keep the teacher we have
-                continue
-            model = self.peers[peer][0] if peer in self.peers else self.model_fn().to(self.device).eval()
-            model.load_state_dict(state)
-            model.requires_grad_(False)
-            self.peers[peer] = (model, step)
-            self.tally["bytes"] += sum(t.numel() * t.element_size() for t in state.values())
-
-    def teacher(self, x: torch.Tensor, step: int, device: torch.device, upcoming: Lookahead):
-        if self.pending is not None and ray.wait([self.pending], timeout=0)[0]:
-            answer, self.pending = self.client.resolve(self.pending), None
-            self._load(answer or {}, step)
-        # poll every `every` steps; before the first teacher arrives, ten times as often (not every
-        # step: that was an actor call per step on the training path for nothing)
-        poll_every = self.every if self.peers else max(1, self.every // 10)
-        if self.pending is None and step % poll_every == 0:
-            self.pending = self.client.fetch_weights_async()
-        if not self.peers:
-            self.tally["misses"] += x.shape[0]
-            return None
-        peers = sorted(self.peers)
-        if self.rule == "random_peer":
-            peers = [draw_peer(self.seed, self.client.replica, step, peers)]
-        ages = [max(0, step + self.lead.get(p, 0) - self.peers[p][1]) for p in peers]
-        self.tally["hits"] += x.shape[0]
-        self.tally["ages"].append(int(np.mean(ages)))
-        with torch.no_grad():
-            outputs = [self.peers[p][0](x) for p in peers]
-            if self.rule == "mean_probs":
-                outputs = [F.softmax(z / self.temperature, dim=-1) for z in outputs]
-            teacher = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)  # one peer: no copy
-        return teacher, None, np.asarray(ages)  # every sample has a teacher: no mask
-
-    def flush(self) -> None:
-        """Send the teacher counters kept since the last flush (the broker cannot see them)."""
-        t = self.tally
-        if t["hits"] or t["misses"] or t["bytes"]:
-            self.client.send("record_teacher", t["hits"], t["misses"], np.asarray(t["ages"], np.int64), t["bytes"])
-        self.tally = {"hits": 0, "misses": 0, "ages": [], "bytes": 0}
-
-    def publish_weights(self, step: int, model: torch.nn.Module) -> None:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
-            raise NonFiniteError(f"replica {self.client.replica}: non-finite weights at step {step}; "
-                                 f"not published, restarting from the last checkpoint")
-        nbytes = sum(t.numel() * t.element_size() for t in state.values())
-        self.client.send("put_weights", step, [ray.put(state)], nbytes)
-
-    def publish(self, step: int, idx: torch.Tensor, logits: torch.Tensor) -> None:
-        pass  # weights mode publishes state dicts, see publish_weights
 
 
 class AllreduceCounter:
@@ -300,12 +106,12 @@ def _restore(model, optimizer, scheduler) -> int:
     return int(state["step"])
 
 
-def _wait_for_peers(client: BrokerClient, replicas: int, timeout_s: float) -> None:
+def _wait_for_peers(ledger: LedgerClient, replicas: int, timeout_s: float) -> None:
     """Start together: worker groups come up seconds apart, and a replica that starts alone
     trains its first steps with no teacher. Bounded, so a replica that never comes is no hang."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        up = client.call("replicas_up")
+        up = ledger.replicas_up()
         if up is not None and up >= replicas:
             return
         # a short poll: a coarse one would let one replica start alone; back off if the broker fails
@@ -313,19 +119,19 @@ def _wait_for_peers(client: BrokerClient, replicas: int, timeout_s: float) -> No
 
 
 class StopRequest:
-    """Whether a user asked the broker to stop the experiment (`ray-codistill stop`), asked at each
+    """Whether a user asked the ledger to stop the experiment (`ray-codistill stop`), asked at each
     metric row and answered by the next one, so no step waits for it. Every rank of a worker group
     must stop at the same step (DDP would hang otherwise): rank 0 asks, the group agrees."""
 
-    def __init__(self, client: BrokerClient, rank: int, world: int, device: torch.device) -> None:
-        self.client, self.rank, self.world, self.device = client, rank, world, device
+    def __init__(self, ledger: LedgerClient, rank: int, world: int, device: torch.device) -> None:
+        self.ledger, self.rank, self.world, self.device = ledger, rank, world, device
         self.pending = None
 
     def requested(self) -> bool:
         asked = False
         if self.rank == 0:
-            asked = self.pending is not None and self.client.resolve(self.pending) is True
-            self.pending = self.client.call_async("stop_requested")
+            asked = self.pending is not None and self.ledger.resolve(self.pending) is True
+            self.pending = self.ledger.stop_requested_async()
         if self.world > 1:
             flag = torch.tensor([int(asked)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -389,15 +195,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     client = BrokerClient(cfg.name, replica, cfg.codistill.fetch_timeout_s, loop_config["token"], rank,
                           cfg.codistill.broker_shards)
-    client.send("register_worker", rank, {"pid": os.getpid(), "host": socket.gethostname(),
-                                          "node_id": ray.get_runtime_context().get_node_id(),
-                                          "node_ip": ray.util.get_node_ip_address(),
-                                          "device": str(device)}, start)
+    ledger = LedgerClient(cfg.name, replica, LEDGER_TIMEOUT_S, loop_config["token"], rank)
+    client.register(start)
+    ledger.register_worker({"pid": os.getpid(), "host": socket.gethostname(),
+                            "node_id": ray.get_runtime_context().get_node_id(),
+                            "node_ip": ray.util.get_node_ip_address(), "device": str(device)}, start)
     cc = cfg.codistill
     probs = cc.teacher_rule == "mean_probs"  # the teacher is a distribution, not logits
     exchange = None
     if cfg.distills:
-        _wait_for_peers(client, cfg.num_models, cc.wait_for_peers_s)
+        _wait_for_peers(ledger, cfg.num_models, cc.wait_for_peers_s)
         exchange = (LogitsTeacher(client, cc.exchange_batches, device, cc.topk, probs=probs)
                     if cc.exchange == "logits" else
                     WeightsTeacher(client, model_fn, cc.exchange_every, device, cc.teacher_rule, cc.temperature,
@@ -411,7 +218,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return {"loss": 0.0, "ce": 0.0, "distill": 0.0, "hits": 0, "ages": [], "seen": 0, "n": 0, "time": 0.0}
 
     win, started, last_val = new_window(), time.perf_counter(), None
-    stop, stopped, done = StopRequest(client, rank, world, device), None, start
+    stop, stopped, done = StopRequest(ledger, rank, world, device), None, start
     budget = Budget(cfg.time_budget_s, rank, world, device) if cfg.time_budget_s else None
     model.train()
     for step in range(start, cfg.steps):
@@ -469,14 +276,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if is_eval:
                     last_val = evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
                     row["val/acc"], row["val/loss"] = last_val["acc"], last_val["loss"]
-                client.send("log", [row])
+                ledger.log([row])
             win = new_window()
             stopped = "budget" if out_of_time else "request" if done < cfg.steps and stop.requested() else None
             if stopped is not None:
                 last_val = last_val if is_eval else None
                 break
         if probe is not None and (done % cc.probe_every == 0 or done == cfg.steps):
-            client.send("probe", done, predict(unwrap(model), probe, cfg.eval_batch_size, device)[0].numpy())
+            ledger.probe(done, predict(unwrap(model), probe, cfg.eval_batch_size, device)[0].numpy())
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
             _save_checkpoint(done, model, optimizer, scheduler, {"step": done}, rank)
 
@@ -494,7 +301,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         test = evaluate(unwrap(model), splits.test, cfg.eval_batch_size, device, want_probs=True)
         result.update(val_acc=val["acc"], val_loss=val["loss"], test_acc=test["acc"], test_loss=test["loss"],
                       allreduce_bytes=counter.bytes * world, **client.fetch_latency())
-        # waits through a broker restart: the result must reach the driver
-        if not client.call("finish", result, test["probs"], test["labels"], timeout_s=FINISH_TIMEOUT_S):
-            raise RuntimeError(f"replica {replica}: the broker did not take the final result")
+        # waits through a ledger restart: the result must reach the driver
+        if not ledger.finish(result, test["probs"], test["labels"], timeout_s=FINISH_TIMEOUT_S):
+            raise RuntimeError(f"replica {replica}: the ledger did not take the final result")
     _save_checkpoint(done, model, optimizer, scheduler, {"step": done, **result}, rank)

@@ -1,8 +1,9 @@
 """Live statistics of a running experiment, from any process attached to its Ray cluster.
 
-`get_stats(name)` asks the experiment's broker (by name) for its figures: what
-`ray-codistill stats NAME` prints, and what notebooks and Tune callbacks can call. The schema of
-the answer is documented in README.md ("Watching a run"). `request_stop(name)` ends the run early
+`get_stats(name)` asks the experiment's ledger (by name; `ledger.py`) for its figures: what
+`ray-codistill stats NAME` prints, and what notebooks and Tune callbacks can call. The ledger is
+not the broker: asking, however often, never delays the teacher exchange. The schema of the
+answer is documented in README.md ("Watching a run"). `request_stop(name)` ends the run early
 (`ray-codistill stop NAME`).
 """
 
@@ -15,34 +16,34 @@ import time
 
 import ray
 
-from ray_codistill.broker import get_broker
+from ray_codistill.ledger import get_ledger
 from ray_codistill.cluster import connect
 from ray_codistill.errors import StatsError
 
 
 def _ask(name: str, address: str | None, method: str, timeout_s: float):
-    """Call a method of the running experiment's broker, with one-line errors."""
+    """Call a method of the running experiment's ledger, with one-line errors."""
     connect(address, start_local=False)
     try:
-        broker = get_broker(name)
+        ledger = get_ledger(name)
     except ValueError as err:
         raise StatsError(f"no running experiment named {name!r} on this cluster "
-                         f"(its broker is gone once the run has ended)") from err
+                         f"(its ledger is gone once the run has ended)") from err
     try:
-        return ray.get(getattr(broker, method).remote(), timeout=timeout_s)
+        return ray.get(getattr(ledger, method).remote(), timeout=timeout_s)
     except Exception as err:  # the run ended between the lookup and the call
-        raise StatsError(f"the broker of {name!r} did not answer: {type(err).__name__}") from err
+        raise StatsError(f"the ledger of {name!r} did not answer: {type(err).__name__}") from err
 
 
 def get_stats(name: str, address: str | None = None, timeout_s: float = 10.0) -> dict:
-    """The broker's figures for experiment `name` (a dict, see README.md for the schema)."""
+    """The figures of experiment `name` (a dict, see README.md for the schema)."""
     return _ask(name, address, "stats", timeout_s)
 
 
 def request_stop(name: str, address: str | None = None, timeout_s: float = 10.0) -> str:
     """Ask experiment `name` to stop early: each replica ends at its next metric row (every
     `log_every` steps) and writes its results as at a normal end, with status "stopped".
-    Returns the broker's status ("stopping", or what it was if the run was already ending)."""
+    Returns the run's status ("stopping", or what it was if the run was already ending)."""
     return _ask(name, address, "request_stop", timeout_s)
 
 
@@ -55,7 +56,7 @@ COLUMNS = "replica   step    loss     val   probe  samples/s    hits  age p50/p9
 
 
 def format_stats(stats: dict) -> str:
-    """A readable table of the broker's figures."""
+    """A readable table of a run's figures."""
     lines = [f"experiment {stats['experiment']} ({stats['method']}, {stats['status']}, "
              f"up {stats['uptime_s']:.0f}s, {stats['probe_rounds']} probe rounds)", COLUMNS]
     for r, s in stats["replicas"].items():
@@ -100,7 +101,7 @@ def show(name: str, address: str | None = None, as_json: bool = False, watch_s: 
         except StatsError:
             if watch_s is None or not seen:
                 raise
-            print(f"experiment {name} has ended (its broker is gone)", file=sys.stderr if as_json else out,
+            print(f"experiment {name} has ended (its ledger is gone)", file=sys.stderr if as_json else out,
                   flush=True)
             return 0
         seen = True

@@ -28,96 +28,13 @@ The age of a sample's teacher is the mean (rounded down) of the ages of the peer
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 
 import numpy as np
-import ray
 
-from ray_codistill.priority import take_niceness
+from ray_codistill.counters import Counters
 
-AGE_WINDOW = 65536  # recent teacher ages kept per replica for the percentiles
-SERVE_WINDOW = 4096  # recent fetch service CPU times kept per replica for the percentiles
 TOPK_FILL = -1.0e4  # logit of the classes outside a sample's top-k (exp(-1e4) is 0 in float32)
-
-
-class Counters:
-    """Exchange counters of one replica."""
-
-    FIELDS = ("publications", "fetches", "hits", "misses", "bytes_in", "bytes_out")
-
-    def __init__(self) -> None:
-        self.publications = 0
-        self.fetches = 0
-        self.hits = 0
-        self.misses = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.age_max = 0
-        self.rejected: dict[str, int] = {}  # reason -> count
-        self._ages = np.zeros(AGE_WINDOW, dtype=np.int64)
-        self._n_ages = 0
-        # CPU seconds the store's thread spent answering each recent fetch (its share of one, in a
-        # shard): the broker's own work, without the queue in front of it, the trip to and from the
-        # worker, or the time the OS gave its core to another process meanwhile
-        self._serve = np.zeros(SERVE_WINDOW, dtype=np.float64)
-        self._n_serve = 0
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-
-    def add_ages(self, ages: np.ndarray) -> None:
-        if ages.size == 0:
-            return
-        ages = ages[-AGE_WINDOW:]
-        pos = self._n_ages % AGE_WINDOW
-        first = min(ages.size, AGE_WINDOW - pos)
-        self._ages[pos:pos + first] = ages[:first]
-        self._ages[:ages.size - first] = ages[first:]
-        self._n_ages += ages.size
-        self.age_max = max(self.age_max, int(ages.max()))
-
-    def ages(self) -> np.ndarray:
-        return self._ages[:min(self._n_ages, AGE_WINDOW)]
-
-    def add_serve(self, seconds) -> None:
-        """Record fetch service CPU times (one, or an array), oldest first."""
-        seconds = np.atleast_1d(np.asarray(seconds, dtype=np.float64))[-SERVE_WINDOW:]
-        self._serve[(self._n_serve + np.arange(seconds.size)) % SERVE_WINDOW] = seconds
-        self._n_serve += seconds.size
-
-    def serve_times(self) -> np.ndarray:
-        return self._serve[:min(self._n_serve, SERVE_WINDOW)]
-
-    @classmethod
-    def merged(cls, parts: list["Counters"]) -> "Counters":
-        """One replica's counters over the broker and its shards."""
-        out = cls()
-        for part in parts:
-            for field in cls.FIELDS:
-                setattr(out, field, getattr(out, field) + getattr(part, field))
-            for reason, n in part.rejected.items():
-                out.rejected[reason] = out.rejected.get(reason, 0) + n
-            out.add_ages(part.ages())
-            out.age_max = max(out.age_max, part.age_max)
-            out.add_serve(part.serve_times())
-        return out
-
-    def as_dict(self) -> dict:
-        ages = self.ages()
-        p50, p95 = (np.percentile(ages, [50, 95]).tolist() if ages.size else (None, None))
-        served = self.hits + self.misses
-        serve = self.serve_times() * 1e3
-        serve_p50, serve_p99 = np.percentile(serve, [50, 99]).tolist() if serve.size else (None, None)
-        return {
-            "publications": self.publications, "fetches": self.fetches,
-            "hits": self.hits, "misses": self.misses,
-            "hit_rate": self.hits / served if served else None,
-            "age_p50": p50, "age_p95": p95, "age_max": self.age_max if ages.size else None,
-            "serve_ms_p50": serve_p50, "serve_ms_p99": serve_p99,
-            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "rejected": dict(self.rejected),
-        }
 
 
 def draw_peer(seed: int, replica: int, step: int, candidates: list[int]) -> int:
@@ -288,54 +205,3 @@ class TeacherStore:
             np.minimum(self._step[replica], start_step, out=self._step[replica])
             self.floor = {k: v for k, v in self.floor.items() if k[0] != replica}
         self.floor[(replica, rank)] = start_step
-
-
-class Guard:
-    """The experiment token and replica-id check every worker-facing actor method starts with."""
-
-    def __init__(self, token: str, counters: list[Counters]) -> None:
-        self._token, self._counters = token, counters
-        self.unknown = 0  # calls that named no replica of this experiment
-
-    def refuse(self, replica, token) -> str | None:
-        """Why a worker's call is refused: an unknown replica id or a wrong experiment token."""
-        if not isinstance(replica, (int, np.integer)) or not 0 <= replica < len(self._counters):
-            self.unknown += 1
-            return "replica"
-        if not secrets.compare_digest(str(token), self._token):
-            self._counters[replica].reject("token")
-            return "token"
-        return None
-
-
-class StoreShard:
-    """One shard of the teacher store as its own actor (`codistill.broker_shards` > 1); workers
-    call it directly, with the experiment token, and the broker merges its counters."""
-
-    def __init__(self, token: str, niceness: int | None = 0, **store_args) -> None:
-        take_niceness(niceness)  # the broker's (priority.py)
-        self.store = TeacherStore(**store_args)
-        self.guard = Guard(token, self.store.counters)
-
-    @ray.method(max_task_retries=0)
-    def publish(self, replica: int, token: str, rank: int, step, indices, values, classes=None) -> None:
-        if not self.guard.refuse(replica, token):
-            self.store.publish(replica, rank, step, indices, values, classes)
-
-    @ray.method(max_task_retries=0)
-    def fetch(self, replica: int, token: str, indices, step: int = 0):
-        if self.guard.refuse(replica, token):
-            return None, np.zeros(len(indices), dtype=bool), np.full(len(indices), -1, dtype=np.int32)
-        return self.store.fetch(replica, indices, step)
-
-    def registered(self, replica: int, rank: int, start_step: int, restart: bool) -> None:
-        self.store.registered(replica, rank, start_step, restart)
-
-    def counters(self) -> list[Counters]:
-        return self.store.counters
-
-    def nbytes(self) -> int:
-        return self.store.nbytes()
-
-    def ping(self) -> int:
-        return os.getpid()

@@ -23,12 +23,13 @@ import ray
 import yaml
 
 from ray_codistill import launcher, report
-from ray_codistill.broker import get_broker
+from ray_codistill.ledger import get_ledger
 from ray_codistill.cluster import connect
 from ray_codistill.config import METHODS, ExperimentConfig
 from ray_codistill.errors import ClusterError, ConfigError
 from ray_codistill.console import say
-from ray_codistill.results import write_parquet
+from ray_codistill.fmt import DASH, to_markdown
+from ray_codistill.results import write_atomic, write_parquet, write_text
 from ray_codistill.placement import cluster_nodes, concurrent_experiments
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
@@ -126,7 +127,7 @@ def run_trial(params: dict, base: dict, group: str, phase: str, trials_dir: str)
 
     def on_progress(_progress: dict) -> None:
         try:
-            rows = ray.get(get_broker(cfg.name).rows.remote(), timeout=10)
+            rows = ray.get(get_ledger(cfg.name).rows.remote(), timeout=10)
         except Exception:  # noqa: BLE001 - the next poll, or the end of the run, reports them
             return
         report_evaluations(pd.DataFrame(rows))
@@ -276,7 +277,7 @@ def final_table(results: pd.DataFrame) -> pd.DataFrame:
                                               for k, v in params.items()),
                      "seeds": len(g), "val acc": report.pct_mean_std(g["val_acc"]),
                      "test acc": report.pct_mean_std(g["test_acc"]),
-                     "ensemble acc": report.DASH if single else report.pct_mean_std(g["ensemble_test_acc"])})
+                     "ensemble acc": DASH if single else report.pct_mean_std(g["ensemble_test_acc"])})
     return pd.DataFrame(rows)
 
 
@@ -305,14 +306,14 @@ def plot_heatmap(search_rows: pd.DataFrame, x: str, y: str, path: Path) -> bool:
             ax.text(j, i, f"{v * 100:.1f}", ha="center", va="center", color="w")
     fig.colorbar(im, ax=ax, label="validation accuracy (%)")
     ax.set_title(f"{search_rows['group'].iloc[0]}: validation accuracy")
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return True
 
 
 def write_report(folder: Path, results: pd.DataFrame) -> tuple[str, list[Path]]:
     """`tune.md` (the final table), heatmaps per group, curves of the re-runs."""
-    table = report.to_markdown(final_table(results))
-    (folder / "tune.md").write_text(table)
+    table = to_markdown(final_table(results))
+    write_text(folder / "tune.md", table)
     written = []
     for group, g in results[results["phase"] == "search"].groupby("group", sort=False):
         path = folder / f"heatmap_{group}.png"

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ray_codistill.data import InMemoryDataset, train_batches, train_indices
-from ray_codistill.replica import Lookahead, LogitsTeacher, WeightsTeacher
+from ray_codistill.teachers import Lookahead, LogitsTeacher, WeightsTeacher
 from ray_codistill.store import draw_peer
 
 CPU = torch.device("cpu")
@@ -107,7 +107,7 @@ def test_probability_teachers_are_scaled_back_to_a_sum_of_one():
 class WeightsClient:
     replica = 1
 
-    def fetch_weights_async(self):
+    def get_weights_async(self):
         return None  # no answer: the test loads the peers itself
 
 

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import ray
 
-from ray_codistill.broker import BrokerClient, start_broker, stop_broker
-from ray_codistill.store import SERVE_WINDOW, TOPK_FILL, Counters, TeacherStore, draw_peer
+from ray_codistill.client import BrokerClient
+from ray_codistill.counters import AGE_WINDOW, SERVE_WINDOW, Counters
+from ray_codistill.store import TOPK_FILL, TeacherStore, draw_peer
 
-TOKEN = "store-token"
+from actors import TOKEN, run_stats, start_run, stop_run
+
 N, C = 200, 12
 
 
@@ -157,6 +159,32 @@ def test_service_times_keep_a_window_and_merge_over_shards():
     assert merged.as_dict()["serve_ms_p50"] == pytest.approx(1500.0)
 
 
+def test_counter_reports_carry_the_totals_and_only_what_is_new():
+    """What an exchange actor sends the ledger: totals, and the ages and service times since its
+    last report (at most a window's worth); a mirror takes a late, older report's ages but keeps
+    the newer totals."""
+    c = Counters()
+    c.fetches, c.hits = 2, 6
+    c.add_ages(np.array([1, 2, 3]))
+    c.add_serve(0.25)
+    first = c.take_report()
+    assert (first["fetches"], first["hits"]) == (2, 6) and first["ages"].tolist() == [1, 2, 3]
+    c.fetches += 1
+    c.add_ages(np.array([9]))
+    c.reject("token")
+    second = c.take_report()
+    assert second["ages"].tolist() == [9] and second["serve"].size == 0 and second["rejected"] == {"token": 1}
+    assert c.take_report()["ages"].size == 0  # nothing new
+    mirror = Counters()
+    mirror.absorb(second)
+    mirror.absorb(first, totals=False)  # overtaken by the second on its way
+    assert (mirror.fetches, mirror.hits, mirror.rejected, mirror.age_max) == (3, 6, {"token": 1}, 9)
+    assert sorted(mirror.ages().tolist()) == [1, 2, 3, 9] and mirror.serve_times().tolist() == [0.25]
+    c.add_ages(np.arange(AGE_WINDOW + 5))  # more than a window between two reports: the newest window
+    ages = c.take_report()["ages"]
+    assert ages.size == AGE_WINDOW and ages[0] == 5 and ages[-1] == AGE_WINDOW + 4
+
+
 def test_random_peer_draws_among_peers_that_published_and_misses_what_its_peer_lacks():
     # peer 2 has published nothing yet: every chunk is drawn from peer 1 alone
     only_one = _constant_peers(3, published={1: np.arange(N), 2: []})
@@ -228,22 +256,20 @@ def test_sharded_store_serves_the_same_teachers_as_one_store(ray_cluster, topk, 
     answers, stats = [], []
     for shards in (1, 3):
         name = f"test-shards-{shards}-{topk}-{rule}"
-        handle = start_broker(name, 3, num_train=N, num_classes=C, max_staleness=25, token=TOKEN,
-                              topk=topk, shards=shards, teacher_rule=rule, temperature=2.0, seed=7)
+        run = start_run(name, 3, num_train=N, num_classes=C, max_staleness=25, topk=topk, shards=shards,
+                        teacher_rule=rule, temperature=2.0, seed=7)
         try:
             clients = [BrokerClient(name, r, timeout_s=10.0, token=TOKEN, shards=shards) for r in range(3)]
             for r, step, idx, z in _publications():
                 clients[r].publish(step, idx, *(_topk(z, topk) if topk else (z,)))
-            ray.get(handle.ping.remote())
-            for shard in ray.get(handle.shard_handles.remote()):
-                ray.get(shard.nbytes.remote())  # publications are fire-and-forget: let them land
+            ray.get([a.ping.remote() for a in run.handle.actors])  # fire-and-forget: let them land
             query = np.random.default_rng(2).permutation(N)[:64]
             answers.append(clients[0].resolve(clients[0].fetch_async(query, 40)))
-            stats.append(ray.get(handle.stats.remote()))
-            held = ray.get(handle.nbytes.remote())
-            assert (held["broker"] > 0) == (shards == 1) and len(held["shards"]) == (shards if shards > 1 else 0)
+            stats.append(run_stats(run))
+            held = ray.get([a.memory.remote() for a in run.handle.actors])
+            assert (held[0]["teacher_bytes"] > 0) == (shards == 1) and len(held) == (shards + 1 if shards > 1 else 1)
         finally:
-            stop_broker(handle)
+            stop_run(run)
     (t1, m1, a1), (t3, m3, a3) = answers
     assert m1.any() and not m1.all()  # some samples were never published
     np.testing.assert_array_equal(m1, m3)
