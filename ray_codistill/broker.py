@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from ray_codistill.counters import CounterReport
+from ray_codistill.counters import CounterReport, Counters
 from ray_codistill.guard import Guard
 from ray_codistill.journal import Journal
 from ray_codistill.priority import take_niceness
@@ -177,7 +177,7 @@ class Broker(_Exchange):
     """The exchange of one experiment: logits (here, or in its shards), weights, registrations."""
 
     # what survives a restart (the teacher values themselves are not kept)
-    _DURABLE_STORE = ("counters", "latest_step", "floor")
+    _DURABLE_STORE = ("latest_step", "floor")
 
     def __init__(self, settings: ExchangeSettings) -> None:
         # with shards, the logits live in them: this store holds no samples, only the counters
@@ -187,24 +187,29 @@ class Broker(_Exchange):
         self._weights: dict[int, tuple[int, list]] = {}
         self.journal = Journal(settings.folder, state_name="exchange.pkl") if settings.folder else None
         if self.journal is not None and (state := self.journal.load_state()) is not None:
-            self.store.counters[:] = state["counters"]  # in place: the guard's and reports' lists
+            self.store.counters[:] = [Counters.from_totals(t) for t in state["counters"]]  # in place: shared lists
             self.store.latest_step[:] = state["latest_step"]
             self.store.floor.update(state["floor"])
             self.seen = state["seen"]
             if self.ledger is not None:
                 self.ledger.note.remote("broker_reloaded")
 
+    def _state(self) -> dict:
+        """What the journal keeps: a few kilobytes. Counters as totals: the windows of recent ages
+        and service times went to the ledger with the reports, and would make every snapshot, on
+        the thread that serves fetches, megabytes at R = 8."""
+        return {"seen": self.seen, "counters": [c.totals() for c in self.counters],
+                **{k: getattr(self.store, k) for k in self._DURABLE_STORE}}
+
     def _after(self) -> None:
         super()._after()
         if self.journal is not None:
-            self.journal.snapshot(lambda: {"seen": self.seen,
-                                           **{k: getattr(self.store, k) for k in self._DURABLE_STORE}})
+            self.journal.snapshot(self._state)
 
     def register(self, replica: int, token: str, rank: int, start_step: int = 0) -> None:
         super().register(replica, token, rank, start_step)
         if self.journal is not None:  # rare, and a restart must not be mistaken for a start
-            self.journal.snapshot(lambda: {"seen": self.seen,
-                                           **{k: getattr(self.store, k) for k in self._DURABLE_STORE}}, force=True)
+            self.journal.snapshot(self._state, force=True)
 
     # -- weights exchange -----------------------------------------------------------------------
     def put_weights(self, replica: int, token: str, step: int, ref: list, nbytes: int) -> None:

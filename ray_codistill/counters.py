@@ -96,6 +96,18 @@ class Counters:
         self.age_max = max(self.age_max, report["age_max"])
         self.add_serve(report["serve"])
 
+    def totals(self) -> dict:
+        """The counts without the windows of ages and service times (what a journal keeps)."""
+        return {**{f: getattr(self, f) for f in self.FIELDS}, "age_max": self.age_max, "rejected": dict(self.rejected)}
+
+    @classmethod
+    def from_totals(cls, totals: dict) -> "Counters":
+        out = cls()
+        for f in cls.FIELDS:
+            setattr(out, f, totals[f])
+        out.age_max, out.rejected = totals["age_max"], dict(totals["rejected"])
+        return out
+
     @classmethod
     def merged(cls, parts: list["Counters"]) -> "Counters":
         """One replica's counters over several sources (the broker, its shards, the ledger)."""

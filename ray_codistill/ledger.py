@@ -80,8 +80,9 @@ class RunMetrics:
 class Ledger:
     """Rows, probes, finals, events, status and the exchange's counters of one experiment."""
 
-    # what survives a restart
-    _DURABLE = ("started", "status", "_progress", "_workers", "_events", "rounds", "own", "_sources", "_step")
+    # what survives a restart, as it is; the counters are kept as totals (below)
+    _DURABLE = ("started", "status", "_progress", "_workers", "_events", "rounds", "_step")
+    GAUGE_EVERY_S = 1.0  # the most often a replica's Ray metrics are set
 
     def __init__(self, *, experiment: str, num_replicas: int, method: str = "codistill", token: str = "",
                  probe_labels: np.ndarray | None = None, folder: str | None = None, broker_shards: int = 1) -> None:
@@ -99,6 +100,7 @@ class Ledger:
         self._workers: dict[int, dict[int, dict]] = {}
         self._events: list[dict] = []
         self._final: dict[int, dict] = {}
+        self._gauged: dict[int, float] = {}  # replica -> when its Ray metrics were last set
         self.rounds = ProbeRounds(num_replicas, probe_labels) if probe_labels is not None else None
         self.journal = Journal(folder) if folder else None
         if self.journal is not None:
@@ -113,13 +115,23 @@ class Ledger:
         state = self.journal.load_state()
         if state is not None:
             for key in self._DURABLE:
-                if key in state:
-                    setattr(self, key, state[key])
+                setattr(self, key, state[key])
+            self.own = [Counters.from_totals(t) for t in state["own"]]
+            self._sources = {name: {**src, "counters": [Counters.from_totals(t) for t in src["counters"]]}
+                             for name, src in state["sources"].items()}
             self._event(-1, "ledger_reloaded", None)
+
+    def _state(self) -> dict:
+        """What the journal keeps: the counters as totals only. Their windows of recent ages and
+        service times (half a megabyte per replica and source) would make every snapshot megabytes;
+        after a restart they refill from the next reports."""
+        return {**{k: getattr(self, k) for k in self._DURABLE}, "own": [c.totals() for c in self.own],
+                "sources": {name: {**src, "counters": [c.totals() for c in src["counters"]]}
+                            for name, src in self._sources.items()}}
 
     def _save(self, force: bool = False) -> None:
         if self.journal is not None:
-            self.journal.snapshot(lambda: {k: getattr(self, k) for k in self._DURABLE}, force)
+            self.journal.snapshot(self._state, force)
 
     def _event(self, replica: int, event: str, step: int | None, **info) -> None:
         self._events.append({"time": time.time(), "replica": replica, "event": event, "step": step, **info})
@@ -183,9 +195,10 @@ class Ledger:
         retried call) replaces the first."""
         if self.guard.refuse(replica, token) or not rows:
             return
-        c = self._counters(replica)
+        sent = sum(c.bytes_in + c.bytes_out for c in [self.own[replica], *(
+            s["counters"][replica] for s in self._sources.values())])
         for row in rows:
-            row["comm/bytes"] = c.bytes_in + c.bytes_out
+            row["comm/bytes"] = sent
             row["replica"] = replica
             self._rows[(replica, row["step"])] = row
             self._step[replica] = max(self._step[replica], row["step"])
@@ -193,7 +206,10 @@ class Ledger:
             self.journal.append_rows(rows)
         self._progress[replica] = {**self._progress.get(replica, {}),
                                    **{k: v for k, v in rows[-1].items() if v is not None}}
-        self.metrics.replica(replica, self._latest_step(replica), c.as_dict())
+        now = time.monotonic()
+        if now - self._gauged.get(replica, float("-inf")) >= self.GAUGE_EVERY_S:  # percentiles of the windows
+            self._gauged[replica] = now
+            self.metrics.replica(replica, self._latest_step(replica), self._counters(replica).as_dict())
         self._save()
 
     def probe(self, replica: int, token: str, step: int, logits: np.ndarray) -> None:

@@ -21,11 +21,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from ray_codistill.config import ConfigError, ExperimentConfig
 from ray_codistill.divergence import churn, ensemble_accuracy
+
+if TYPE_CHECKING:  # pandas is imported where tables are made: the broker and the ledger, which
+    import pandas as pd  # journal through this module, would carry it (40 MB each) for nothing
 
 ID_COLUMNS = ["experiment", "method", "replica", "seed", "step"]
 CONFIG_FILE = "config.json"
@@ -89,6 +93,7 @@ def git_revision(short: bool = False) -> str:
 
 
 def versions() -> dict:
+    import pandas as pd
     import ray
     import torch
     import torchvision
@@ -149,6 +154,7 @@ def _tag(cfg: ExperimentConfig, df: pd.DataFrame, order: list[str]) -> pd.DataFr
 
 
 def metrics_table(cfg: ExperimentConfig, rows: list[dict]) -> pd.DataFrame:
+    import pandas as pd
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["replica", "step"])
     df = _tag(cfg, df, ["replica", "step"])
     return df[ID_COLUMNS + [c for c in df.columns if c not in ID_COLUMNS]]
@@ -196,6 +202,7 @@ def summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, errors
 def write_results(folder: Path, cfg: ExperimentConfig, rows: list[dict], divergence: list[dict],
                   summary_: dict) -> None:
     """The experiment's three result files (`divergence.parquet` only when probes ran)."""
+    import pandas as pd
     write_parquet(folder / "metrics.parquet", metrics_table(cfg, rows))
     if divergence:
         write_parquet(folder / "divergence.parquet", _tag(cfg, pd.DataFrame(divergence), ["step", "replica_a"]))
