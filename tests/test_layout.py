@@ -1,10 +1,12 @@
 """The library's shape: modules small enough to own one thing, and imports without a cycle.
 
-Fast: reads the source with `ast`, starts no Ray."""
+Fast: reads the source with `ast` (and imports two modules in a subprocess); starts no Ray."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import ROOT
@@ -73,3 +75,13 @@ def test_the_cycle_finder_finds_one():
 def test_no_library_module_is_over_400_lines():
     sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
     assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
+
+
+def test_the_exchange_and_ledger_processes_load_neither_torch_nor_pandas():
+    """The broker, its shards and the ledger are processes of their own: what their modules
+    import is memory in each of them (pandas alone is about 40 MB)."""
+    code = ("import sys, ray_codistill.broker, ray_codistill.ledger; "
+            "print(sorted(m for m in ('torch', 'pandas', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
