@@ -36,7 +36,7 @@ import ray
 
 from ray_codistill.counters import CounterReport, Counters
 from ray_codistill.guard import Guard
-from ray_codistill.journal import Journal
+from ray_codistill.journal import Snapshot
 from ray_codistill.priority import take_niceness
 from ray_codistill.store import TeacherStore
 
@@ -111,9 +111,10 @@ class _Exchange:
         self.reports = CounterReport(source, self.ledger, self.counters, store.latest_step, settings.report_every_s)
         self.reports.extra = {"niceness": self.niceness, "node": _node_here()}
 
-    def _after(self) -> None:
+    def _after(self) -> bool:
+        """After each served call: the counter report, at most once a second (True when due)."""
         self.reports.extra["unknown"] = self.guard.unknown
-        self.reports.maybe_send()
+        return self.reports.maybe_send()
 
     @ray.method(max_task_retries=0)  # superseded by the next call: never retried
     def publish(self, replica: int, token: str, rank: int, step: int | np.ndarray, indices: np.ndarray,
@@ -185,8 +186,8 @@ class Broker(_Exchange):
         super().__init__(settings, "broker", settings.store(num_train=0 if settings.shards > 1 else None))
         # weights store: replica -> (step, [ObjectRef]); the list keeps Ray from resolving the ref
         self._weights: dict[int, tuple[int, list]] = {}
-        self.journal = Journal(settings.folder, state_name="exchange.pkl") if settings.folder else None
-        if self.journal is not None and (state := self.journal.load_state()) is not None:
+        self.snapshot = Snapshot(settings.folder, "exchange.pkl") if settings.folder else None
+        if self.snapshot is not None and (state := self.snapshot.load()) is not None:
             self.store.counters[:] = [Counters.from_totals(t) for t in state["counters"]]  # in place: shared lists
             self.store.latest_step[:] = state["latest_step"]
             self.store.floor.update(state["floor"])
@@ -201,15 +202,16 @@ class Broker(_Exchange):
         return {"seen": self.seen, "counters": [c.totals() for c in self.counters],
                 **{k: getattr(self.store, k) for k in self._DURABLE_STORE}}
 
-    def _after(self) -> None:
-        super()._after()
-        if self.journal is not None:
-            self.journal.snapshot(self._state)
+    def _after(self) -> bool:
+        due = super()._after()
+        if due and self.snapshot is not None:  # the same once-a-second gate as the reports
+            self.snapshot.save(self._state, force=True)
+        return due
 
     def register(self, replica: int, token: str, rank: int, start_step: int = 0) -> None:
         super().register(replica, token, rank, start_step)
-        if self.journal is not None:  # rare, and a restart must not be mistaken for a start
-            self.journal.snapshot(self._state, force=True)
+        if self.snapshot is not None:  # rare, and a restart must not be mistaken for a start
+            self.snapshot.save(self._state, force=True)
 
     # -- weights exchange -----------------------------------------------------------------------
     def put_weights(self, replica: int, token: str, step: int, ref: list, nbytes: int) -> None:

@@ -33,15 +33,39 @@ def _plain(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-class Journal:
-    def __init__(self, experiment_folder: str | os.PathLike, every_s: float = 1.0,
-                 state_name: str = "state.pkl") -> None:
-        self.folder = Path(experiment_folder) / "broker"
-        self.folder.mkdir(parents=True, exist_ok=True)
+class Snapshot:
+    """One actor's state file, rewritten atomically: the broker's `exchange.pkl`, the ledger's
+    `state.pkl`. `save` writes at most once per `every_s` unless forced; the broker forces it on
+    its own once-a-second gate (the one its counter reports go out on)."""
+
+    def __init__(self, experiment_folder: str | os.PathLike, name: str, every_s: float = 1.0) -> None:
+        folder = Path(experiment_folder) / "broker"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / name
         self.every_s = every_s
-        self.rows_path = self.folder / "rows.jsonl"
-        self.state_path = self.folder / state_name
         self._saved = 0.0
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        with open(self.path, "rb") as f:
+            return pickle.load(f)
+
+    def save(self, state_fn, force: bool = False) -> None:
+        """Save `state_fn()` when the last save is older than `every_s` (or when forced)."""
+        now = time.monotonic()
+        if force or now - self._saved >= self.every_s:
+            self._saved = now
+            write_bytes(self.path, pickle.dumps(state_fn()))
+
+
+class Journal:
+    """The ledger's journal: rows appended as they arrive, finals written once, and a snapshot."""
+
+    def __init__(self, experiment_folder: str | os.PathLike, every_s: float = 1.0) -> None:
+        self.state = Snapshot(experiment_folder, "state.pkl", every_s)
+        self.folder = self.state.path.parent
+        self.rows_path = self.folder / "rows.jsonl"
 
     # -- reload -----------------------------------------------------------------------------------
     def load_rows(self) -> dict[tuple[int, int], dict]:
@@ -54,12 +78,6 @@ class Journal:
                     continue
                 rows[(row["replica"], row["step"])] = row
         return rows
-
-    def load_state(self) -> dict | None:
-        if not self.state_path.exists():
-            return None
-        with open(self.state_path, "rb") as f:
-            return pickle.load(f)
 
     def load_final(self) -> dict[int, dict]:
         final = {}
@@ -76,13 +94,5 @@ class Journal:
     def rewrite_rows(self, rows: list[dict]) -> None:
         write_bytes(self.rows_path, "".join(json.dumps(row, default=_plain) + "\n" for row in rows).encode())
 
-    def snapshot(self, state_fn, force: bool = False) -> None:
-        """Save `state_fn()` when the last snapshot is older than `every_s` (or when forced)."""
-        now = time.monotonic()
-        if force or now - self._saved >= self.every_s:
-            self._saved = now
-            write_bytes(self.state_path, pickle.dumps(state_fn()))
-
     def save_final(self, replica: int, final: dict) -> None:
         write_bytes(self.folder / f"final-r{replica}.pkl", pickle.dumps(final))
-

@@ -138,8 +138,9 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
         rows, final, stats, divergence = ray.get([
             ledger.rows.remote(), ledger.final.remote(), ledger.stats.remote(), ledger.divergence.remote()])
     finally:
-        for actor in [ledger, *(exchange.actors if exchange else [])]:
-            ray.kill(actor)
+        if exchange is not None:
+            exchange.stop()
+        ray.kill(ledger)
     wall = time.time() - started
 
     summary = make_summary(cfg, final, stats, wall, errors, memory)

@@ -112,7 +112,7 @@ class Ledger:
     def _reload(self) -> None:
         self._rows = self.journal.load_rows()
         self._final = self.journal.load_final()
-        state = self.journal.load_state()
+        state = self.journal.state.load()
         if state is not None:
             for key in self._DURABLE:
                 setattr(self, key, state[key])
@@ -131,7 +131,7 @@ class Ledger:
 
     def _save(self, force: bool = False) -> None:
         if self.journal is not None:
-            self.journal.snapshot(self._state, force)
+            self.journal.state.save(self._state, force)
 
     def _event(self, replica: int, event: str, step: int | None, **info) -> None:
         self._events.append({"time": time.time(), "replica": replica, "event": event, "step": step, **info})
