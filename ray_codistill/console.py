@@ -90,7 +90,8 @@ def pct(x) -> str:
 
 
 def replica_text(row: dict | None, steps: int) -> str:
-    """One replica's figures from its newest metric row: loss, val acc, teacher hits and age, ETA."""
+    """One replica's figures from its newest metric row: loss, val acc (a language model: val loss
+    and bits per character), teacher hits and age, ETA."""
     if not row:
         return "starting"
     step = int(row["step"])
@@ -98,13 +99,17 @@ def replica_text(row: dict | None, steps: int) -> str:
     if row.get("time_s") and step > 0:  # time_s counts from this worker's start (a restart resets it)
         eta = row["time_s"] / step * max(0, steps - step)
     parts = [f"step {step}/{steps}", f"ETA {duration(eta)}", f"loss {num(row.get('train/loss'))}"]
-    if row.get("val/acc") is not None:
+    if row.get("val/bpc") is not None:
+        parts.append(f"val {row['val/loss']:.3f} ({row['val/bpc']:.2f} bpc)")
+    elif row.get("val/acc") is not None:
         parts.append(f"val {pct(row['val/acc'])}")
     if row.get("distill/hit_rate") is not None:
         parts.append(f"hits {row['distill/hit_rate']:.0%}")
     if row.get("distill/teacher_age") is not None:
         parts.append(f"age {row['distill/teacher_age']:.0f}")
-    if row.get("perf/samples_per_s"):
+    if row.get("perf/tokens_per_s"):
+        parts.append(f"{row['perf/tokens_per_s']:.0f} tokens/s")
+    elif row.get("perf/samples_per_s"):
         parts.append(f"{row['perf/samples_per_s']:.0f} samples/s")
     return " ".join(parts)
 

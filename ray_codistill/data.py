@@ -2,8 +2,9 @@
 
 This module owns:
 - `load_splits`: train / val / test splits of every supported dataset (mnist1d, synthetic,
-  imagefolder, cifar10). Every item is `(x, y, idx)`, where idx is the sample's position in its
-  split; for the train split it is the global key the broker files teacher logits under.
+  imagefolder, cifar10, text). Every item is `(x, y, idx)`, where idx is the sample's position in
+  its split; for the train split it is the global key the broker files teacher logits under. A
+  text sample is a window of tokens and its target the next token at every position (`text.py`).
 - `train_batches`: the endless batch stream of one worker: each replica has its own order, the
   workers of one replica get disjoint shards each epoch, and a resumed stream continues exactly
   where a fresh one would be.
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .config import DataConfig
 from .errors import DataError
+from .text import Vocab, load_corpus, windows
 
 Batch = tuple[Tensor, Tensor, Tensor]  # (x, y, idx)
 
@@ -70,14 +72,22 @@ class Splits:
     val: Dataset
     test: Dataset
     num_classes: int
-    input_shape: tuple[int, ...]  # of one sample, e.g. (40,) or (3, 32, 32)
+    input_shape: tuple[int, ...]  # of one sample, e.g. (40,) or (3, 32, 32); text: (block_size,)
     name: str = "data"  # dataset name, for `describe`
+    vocab: Vocab | None = None  # text: the tokens (num_classes is its size); None for classifiers
+    source: str = ""  # text: where the corpus came from and its size, for `describe`
+
+    @property
+    def is_text(self) -> bool:
+        """A language model's data: per sample a window of tokens, targets and outputs per token."""
+        return self.vocab is not None
 
 
 # -- loading ---------------------------------------------------------------------------------------
 
 def load_splits(cfg: DataConfig) -> Splits:
-    loaders = {"mnist1d": _mnist1d, "synthetic": _synthetic, "imagefolder": _imagefolder, "cifar10": _cifar10}
+    loaders = {"mnist1d": _mnist1d, "synthetic": _synthetic, "imagefolder": _imagefolder, "cifar10": _cifar10,
+               "text": _text}
     return loaders[cfg.name](cfg)
 
 
@@ -207,6 +217,14 @@ def _cifar10(cfg: DataConfig) -> Splits:
                          train.classes, torch.Generator().manual_seed(cfg.data_seed))
 
 
+def _text(cfg: DataConfig) -> Splits:
+    corpus = load_corpus(cfg)
+    x = {split: windows(corpus.vocab.encode(corpus.text[split]), cfg.block_size) for split in corpus.text}
+    return Splits(train=InMemoryDataset(*x["train"]), val=InMemoryDataset(*x["val"]),
+                  test=InMemoryDataset(*x["test"]), num_classes=len(corpus.vocab), input_shape=(cfg.block_size,),
+                  name=cfg.name, vocab=corpus.vocab, source=corpus.summary())
+
+
 # -- batches ---------------------------------------------------------------------------------------
 
 def _order_seed(seed: int) -> int:
@@ -273,5 +291,8 @@ def probe_split(splits: Splits, size: int) -> Dataset:
 
 
 def describe(splits: Splits) -> str:
+    if splits.is_text:
+        return (f"text, {splits.source}; windows of {splits.input_shape[0]}: {len(splits.train)} train / "
+                f"{len(splits.val)} val / {len(splits.test)} test")
     return (f"{splits.name}: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test, "
             f"{splits.num_classes} classes, input {splits.input_shape}")

@@ -32,7 +32,9 @@ from ray_codistill.replica import train_loop_per_worker
 from ray_codistill.errors import RunError
 from ray_codistill.guard import new_token
 from ray_codistill.ledger import ledger_name, start_ledger
-from ray_codistill.results import CONFIG_FILE, prepare_folder, resume_folder, write_json, write_results
+from ray_codistill.results import CONFIG_FILE, VOCAB_FILE, prepare_folder, resume_folder, write_json, write_results
+from ray_codistill.results import write_text
+from ray_codistill.tasks import task_of
 from ray_codistill.results import summary as make_summary
 
 
@@ -96,9 +98,10 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     """
     # everything that can refuse the run comes before the folder: a refused run touches no results
     splits = load_splits(cfg.data)
-    check_model(cfg.model, splits.input_shape, splits.num_classes)
+    check_model(cfg.model, splits.input_shape, splits.num_classes, text=splits.is_text)
     if cfg.codistill.topk is not None and cfg.codistill.topk > splits.num_classes:
-        raise ConfigError(f"codistill.topk: got {cfg.codistill.topk}, the data has {splits.num_classes} classes")
+        what = f"a vocabulary of {splits.num_classes} tokens" if splits.is_text else f"{splits.num_classes} classes"
+        raise ConfigError(f"codistill.topk: got {cfg.codistill.topk}, the data has {what}")
     if resume:
         resume_folder(cfg)
     connect(address)
@@ -106,6 +109,8 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     folder = resume_folder(cfg) if resume else prepare_folder(cfg, overwrite)
     if not resume:
         write_json(folder / CONFIG_FILE, cfg.to_dict())
+        if splits.is_text:  # what `ray-codistill sample` reads tokens back with
+            write_text(folder / VOCAB_FILE, splits.vocab.to_json())
     say(f"experiment {cfg.name}: {cfg.method}, {cfg.num_models} model(s) x {cfg.workers_per_model} worker(s), "
         f"{cfg.steps} steps, batch {cfg.batch_size}/worker; {describe(splits)}")
     say(f"results: {folder}")
@@ -120,8 +125,9 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
                           probe_labels=probe_labels, folder=str(folder), broker_shards=cfg.codistill.broker_shards)
     exchange = None
     try:
+        positions = splits.input_shape[0] if splits.is_text else None  # a language model: logits per token
         settings = ExchangeSettings.from_config(cfg, len(splits.train), splits.num_classes, token, str(folder),
-                                                ledger_name(cfg.name))
+                                                ledger_name(cfg.name), positions)
         exchange = start_broker(settings, placement=broker_options(cfg))
         ray.get(ledger.exchange_report.remote(*exchange.reports()))  # stats know the broker from the start
         _check_niceness(exchange, cfg.codistill.broker_niceness)
@@ -149,14 +155,14 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
         for r, err in sorted(errors.items()):
             say(f"replica {r} FAILED: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
         if summary["replicas"]:
-            say(f"results of the replicas that finished: test acc {_fmt_accs(summary)}; in {folder}")
+            say(f"results of the replicas that finished: {_fmt_final(summary)}; in {folder}")
         first = next(iter(errors.values()))
         raise RunError(f"{len(errors)} worker group(s) failed (replica(s) {sorted(errors)}): {first}") from first
     at_steps = ", ".join(f"r{r['replica']}={r['steps']}" for r in summary["replicas"])
     ended = ("stopped on request at step(s) " + at_steps if summary["status"] == "stopped" else
              f"finished (time budget of {cfg.time_budget_s:g}s reached at step(s) {at_steps})"
              if summary["budget_reached"] else "finished")
-    say(f"{ended} in {wall:.0f}s: test acc {_fmt_accs(summary)}; results in {folder}")
+    say(f"{ended} in {wall:.0f}s: {_fmt_final(summary)}; results in {folder}")
     return ExperimentResult(folder, summary)
 
 
@@ -205,10 +211,17 @@ def _trainer_env(cfg: ExperimentConfig):
                 os.environ[k] = v
 
 
-def _fmt_accs(summary: dict) -> str:
+def _fmt_final(summary: dict) -> str:
+    """The replicas' test figures (and the ensemble's): accuracy, or a language model's loss."""
+    if task_of(summary["config"]).is_lm:
+        losses = " ".join(f"r{r['replica']}={r['test_loss']:.4f}" for r in summary["replicas"])
+        ens = summary.get("ensemble_test_loss")
+        bpc = summary.get("test_bpc_mean")
+        return (f"test loss {losses}" + (f", ensemble {ens:.4f}" if ens is not None else "")
+                + " nats/token" + (f" (mean {bpc:.3f} bits/char)" if bpc is not None else ""))
     accs = " ".join(f"r{r['replica']}={r['test_acc']:.4f}" for r in summary["replicas"])
     ens = summary.get("ensemble_test_acc")
-    return accs + (f", ensemble {ens:.4f}" if ens is not None else "")
+    return "test acc " + accs + (f", ensemble {ens:.4f}" if ens is not None else "")
 
 
 def _check_niceness(exchange, wanted: int | None) -> None:
@@ -218,5 +231,3 @@ def _check_niceness(exchange, wanted: int | None) -> None:
         say(f"warning: the broker runs at niceness {got}, not codistill.broker_niceness={wanted} (lowering a "
             f"niceness needs CAP_SYS_NICE): where replicas keep its node's cores busy, its answers wait for a core "
             f"(docs/performance.md, \"The broker's priority\")")
-
-

@@ -56,6 +56,8 @@ class RunMetrics:
         self.disagreement = g("disagreement", "top-1 disagreement of two replicas on the probe set", ("pair",))
         self.sym_kl = g("symmetric_kl", "symmetric KL of two replicas on the probe set", ("pair",))
         self.probe_acc = g("probe_accuracy", "probe-set accuracy of a replica or of the ensemble", ("replica",))
+        self.probe_loss = g("probe_loss", "probe-set loss (nats per sample, or per token) of a replica or of the "
+                            "ensemble", ("replica",))
 
     def replica(self, replica: int, step: int, c: dict) -> None:
         tags = {**self.tags, "replica": str(replica)}
@@ -74,7 +76,9 @@ class RunMetrics:
             self.sym_kl.set(p["sym_kl"], tags)
         for r, acc in latest["probe_acc"].items():
             self.probe_acc.set(acc, {**self.tags, "replica": str(r)})
+            self.probe_loss.set(latest["probe_loss"][r], {**self.tags, "replica": str(r)})
         self.probe_acc.set(latest["ensemble_acc"], {**self.tags, "replica": "ensemble"})
+        self.probe_loss.set(latest["ensemble_loss"], {**self.tags, "replica": "ensemble"})
 
 
 class Ledger:
@@ -216,7 +220,7 @@ class Ledger:
         """A replica's logits on the probe set at `step`; completes a round when it is the last."""
         if self.rounds is None or self.guard.refuse(replica, token):
             return
-        if logits.shape != (len(self.rounds.labels), logits.shape[-1]) or not np.isfinite(logits).all():
+        if logits.shape[:-1] != self.rounds.labels.shape or not np.isfinite(logits).all():
             self.own[replica].reject("probe")
             return
         done = self.rounds.add(replica, step, logits.astype(np.float32))
@@ -275,8 +279,10 @@ class Ledger:
             p = self._progress.get(r, {})
             replicas[str(r)] = {
                 "step": self._latest_step(r), "train_loss": p.get("train/loss"), "val_acc": p.get("val/acc"),
+                "val_loss": p.get("val/loss"),
                 "samples_per_s": p.get("perf/samples_per_s"), **self._counters(r).as_dict(),
                 "probe_acc": (latest or {}).get("probe_acc", {}).get(r),
+                "probe_loss": (latest or {}).get("probe_loss", {}).get(r),
                 "workers": {str(k): v for k, v in self._workers.get(r, {}).items()},
                 "restarts": sum(1 for e in self._events if e["replica"] == r and e["event"] == "restarted"),
             }
@@ -287,6 +293,7 @@ class Ledger:
             "replicas": replicas,
             "divergence": None if latest is None else {
                 "step": latest["step"], "ensemble_acc": latest["ensemble_acc"],
+                "ensemble_loss": latest.get("ensemble_loss"),
                 "pairs": [{k: p[k] for k in ("replica_a", "replica_b", "sym_kl", "disagreement", "l2")}
                           for p in latest["pairs"]]},
             "probe_rounds": len({row["step"] for row in self.rounds.history}) if self.rounds else 0,

@@ -118,7 +118,14 @@ def codistill_loss(
     ``mask`` is a bool tensor [B]; None means every sample has a teacher. Teacher rows under a
     False mask may hold anything, NaN included: they are never read. ``teacher_probs``: the
     teacher holds probabilities at ``temperature``, not logits (`distillation_per_sample`).
+
+    A language model's ``logits`` and teacher are [B, T, V] and its targets [B, T]: every token is
+    a row of the classifier's loss (``ce`` the mean over the B x T tokens, ``distill`` the sum
+    over the tokens of samples with a teacher divided by B x T), and ``mask`` [B] is per sample
+    (a window's teacher is there for all its tokens or for none).
     """
+    if logits.dim() == 3:
+        logits, targets, teacher_logits, mask = _per_token(logits, targets, teacher_logits, mask)
     if teacher_logits is None or alpha == 0:
         ce = F.cross_entropy(logits, targets)
         # Return ce itself, not ce + 0 * distill: alpha == 0 must be plain cross-entropy, bit for
@@ -147,3 +154,18 @@ def codistill_loss(
     # Sum of an empty selection is 0, so a batch with no teacher at all gives distill == 0.
     distill = per_sample.sum() / batch
     return ce + alpha * distill, ce, distill
+
+
+def _per_token(logits: Tensor, targets: Tensor, teacher: Tensor | None, mask: Tensor | None):
+    """[B, T, V] outputs as B x T rows of [V], and a per-sample mask as one per token."""
+    batch, tokens = logits.shape[:2]
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (batch,):
+            raise ValueError(f"mask must be a bool tensor of shape ({batch},), got {mask.dtype} {tuple(mask.shape)}")
+        mask = mask.repeat_interleave(tokens)
+    if teacher is not None:
+        if teacher.shape != logits.shape:
+            raise ValueError(f"student and teacher logits differ in shape: "
+                             f"{tuple(logits.shape)} vs {tuple(teacher.shape)}")
+        teacher = teacher.flatten(0, 1)
+    return logits.flatten(0, 1), targets.flatten(), teacher, mask

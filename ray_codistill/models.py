@@ -1,4 +1,5 @@
-"""Model builders: the MNIST-1D paper's CNN, a small MLP, and torchvision classifiers by name.
+"""Model builders: the MNIST-1D paper's CNN, a small MLP, torchvision classifiers by name, and a
+GPT for text (`gpt.py`).
 
 `check_model` builds a model and runs one forward pass, so the launcher can refuse a model that
 does not fit the data (ModelError) before any Ray worker starts. Weights are never downloaded.
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .errors import ModelError
 
-OWN_MODELS = ("mnist1d_cnn", "mlp")
+OWN_MODELS = ("mnist1d_cnn", "mlp", "gpt")
 
 
 def _conv_out(length: int, kernel: int, stride: int, padding: int) -> int:
@@ -68,6 +69,11 @@ def _torchvision_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> nn.Module:
+    """The model of `cfg` for samples of `input_shape` and `num_classes` outputs (for text: windows
+    of input_shape[0] tokens and a vocabulary of num_classes)."""
+    if cfg.name == "gpt":
+        from ray_codistill.gpt import GPT
+        return GPT(num_classes, input_shape[0], cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout)
     if cfg.name == "mnist1d_cnn":
         if len(input_shape) != 1:
             raise ModelError(f"model.name=mnist1d_cnn needs 1-D inputs, got input shape {tuple(input_shape)}")
@@ -77,20 +83,25 @@ def build_model(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> nn.Mo
     return _torchvision_model(cfg, num_classes)
 
 
-def check_model(cfg: ModelConfig, input_shape: tuple, num_classes: int) -> nn.Module:
-    """Build the model and push a zero batch of 2 through it on CPU; ModelError if it does not fit."""
+def check_model(cfg: ModelConfig, input_shape: tuple, num_classes: int, text: bool = False) -> nn.Module:
+    """Build the model and push a zero batch of 2 through it on CPU; ModelError if it does not fit.
+    `text`: the data are token windows, whose model (gpt) answers per token."""
+    if text != (cfg.name == "gpt"):
+        raise ModelError(f"model.name={cfg.name}: " + ("text needs model.name=gpt" if text else
+                                                        "gpt is a language model: it needs data.name=text"))
     model = build_model(cfg, input_shape, num_classes)
     model.eval()  # keeps BatchNorm statistics untouched
+    expected = (2, *input_shape, num_classes) if text else (2, num_classes)
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape))
+            out = model(torch.zeros(2, *input_shape, dtype=torch.long if text else torch.float32))
     except (RuntimeError, ValueError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"model.name={cfg.name}: forward pass fails on inputs of shape {tuple(input_shape)}: "
                          f"{first}") from err
-    if not isinstance(out, Tensor) or tuple(out.shape) != (2, num_classes):
+    if not isinstance(out, Tensor) or tuple(out.shape) != expected:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ModelError(f"model.name={cfg.name}: output is {shape} for a batch of 2, expected (2, {num_classes})")
+        raise ModelError(f"model.name={cfg.name}: output is {shape} for a batch of 2, expected {expected}")
     return model
 
 

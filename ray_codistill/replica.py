@@ -29,6 +29,7 @@ from ray_codistill.data import eval_batches, probe_split, train_batches, train_i
 from ray_codistill.loss import alpha_at, codistill_loss
 from ray_codistill.models import build_model
 from ray_codistill.optim import build_optimizer
+from ray_codistill.tasks import lm_figures, task_of
 from ray_codistill.teachers import Lookahead, LogitsTeacher, WeightsTeacher
 
 
@@ -71,12 +72,27 @@ def predict(model: torch.nn.Module, ds, batch_size: int, device: torch.device) -
 
 
 def evaluate(model: torch.nn.Module, ds, batch_size: int, device: torch.device, want_probs: bool = False):
-    """Accuracy and mean loss over a whole split (and the softmax outputs when asked)."""
-    logits, labels = predict(model, ds, batch_size, device)
-    out = {"acc": (logits.argmax(1) == labels).float().mean().item(),
-           "loss": F.cross_entropy(logits, labels).item()}
+    """Accuracy and mean cross-entropy over a whole split, per sample for classifiers and per
+    token for language models (and the softmax outputs when asked: float16 for text, whose
+    outputs are a row per token). One batch at a time: a split's logits are never all held."""
+    was_training = model.training
+    model.eval()
+    loss, correct, count, probs, labels = 0.0, 0, 0, [], []  # sums stay on the device: one sync at the end
+    with torch.no_grad():
+        for x, y, _ in eval_batches(ds, batch_size):
+            z, y = model(x.to(device)).float(), y.to(device)
+            rows, targets = z.flatten(0, -2), y.flatten()  # a language model's tokens as rows
+            loss += F.cross_entropy(rows, targets, reduction="sum")
+            correct += (rows.argmax(-1) == targets).sum()
+            count += targets.numel()
+            if want_probs:
+                p = z.softmax(-1).cpu()
+                probs.append(p.half() if z.dim() == 3 else p)
+                labels.append(y.cpu())
+    model.train(was_training)
+    out = {"acc": float(correct) / count, "loss": float(loss) / count}
     if want_probs:
-        out["probs"], out["labels"] = logits.softmax(1).numpy(), labels.numpy()
+        out["probs"], out["labels"] = torch.cat(probs).numpy(), torch.cat(labels).numpy()
     return out
 
 
@@ -177,6 +193,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     seed = replica_seed(cfg.seed, replica)
+    lm = task_of(cfg).is_lm  # a language model: figures per token, and bits per character
 
     # -- model, optimizer, data ------------------------------------------------------------------
     torch.manual_seed(seed)  # the same init on every rank of a replica, another per replica
@@ -215,7 +232,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # -- loop ------------------------------------------------------------------------------------
     def new_window() -> dict:
         # losses stay tensors until a row is written: a .item() per step would sync a GPU every step
-        return {"loss": 0.0, "ce": 0.0, "distill": 0.0, "hits": 0, "ages": [], "seen": 0, "n": 0, "time": 0.0}
+        return {"loss": 0.0, "ce": 0.0, "distill": 0.0, "hits": 0, "ages": [], "seen": 0, "tokens": 0, "n": 0,
+                "time": 0.0}
 
     win, started, last_val = new_window(), time.perf_counter(), None
     stop, stopped, done = StopRequest(ledger, rank, world, device), None, start
@@ -244,12 +262,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         win["time"] += time.perf_counter() - t0
 
         win["n"] += 1
-        win["seen"] += y.numel()
+        win["seen"] += len(y)  # samples: a language model's windows
+        win["tokens"] += y.numel()
         win["loss"] += loss.detach()
         win["ce"] += ce.detach()
         win["distill"] += distill.detach()
         if teacher is not None:
-            win["hits"] += y.numel() if teacher[1] is None else teacher[1].sum()
+            win["hits"] += len(y) if teacher[1] is None else teacher[1].sum()
             win["ages"].append(np.asarray(teacher[2]))
 
         done = step + 1
@@ -270,12 +289,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                        "distill/teacher_age": float(ages.mean()) if ages.size else None,
                        # evaluation time stays out of throughput
                        "perf/samples_per_s": win["seen"] * world / win["time"],
+                       **({"perf/tokens_per_s": win["tokens"] * world / win["time"]} if lm else {}),
                        "comm/allreduce_bytes": counter.bytes * world,
                        "lr": scheduler.get_last_lr()[0], "time_s": time.perf_counter() - started,
                        "timestamp": time.time()}  # wall clock: time_s restarts with the worker
                 if is_eval:
                     last_val = evaluate(unwrap(model), splits.val, cfg.eval_batch_size, device)
                     row["val/acc"], row["val/loss"] = last_val["acc"], last_val["loss"]
+                    if lm:
+                        row.update(lm_figures(last_val["loss"], "val/"))
                 ledger.log([row])
             win = new_window()
             stopped = "budget" if out_of_time else "request" if done < cfg.steps and stop.requested() else None
@@ -301,6 +323,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         test = evaluate(unwrap(model), splits.test, cfg.eval_batch_size, device, want_probs=True)
         result.update(val_acc=val["acc"], val_loss=val["loss"], test_acc=test["acc"], test_loss=test["loss"],
                       allreduce_bytes=counter.bytes * world, **client.fetch_latency())
+        if lm:
+            result.update(**lm_figures(val["loss"], "val_"), **lm_figures(test["loss"], "test_"))
         # waits through a ledger restart: the result must reach the driver
         if not ledger.finish(result, test["probs"], test["labels"], timeout_s=FINISH_TIMEOUT_S):
             raise RuntimeError(f"replica {replica}: the ledger did not take the final result")

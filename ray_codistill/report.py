@@ -22,6 +22,7 @@ import pandas as pd
 from ray_codistill.errors import ReportError
 from ray_codistill.fmt import DASH, human_bytes, to_markdown
 from ray_codistill.results import write_atomic
+from ray_codistill.tasks import task_of
 
 METHOD_ORDER = ("codistill", "independent", "allreduce")
 SUMMARY = "summary.json"
@@ -89,7 +90,9 @@ def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
     allreduce_bytes, churn, disagreement (final probe round, mean over pairs), fetch_ms_p50,
     fetch_ms_p99, serve_ms_p50, serve_ms_p99 (the broker's CPU time per fetch),
     broker_peak_rss_bytes, broker_teacher_bytes, broker_niceness (NaN in summaries older than it),
-    group (the method: rows are aggregated per group).
+    group (the method: rows are aggregated per group), task ("lm" for language models, else
+    "classify"), val_loss and test_loss (the replicas' means, nats per sample or token),
+    ensemble_test_loss.
     """
     rows = []
     for d in dirs:
@@ -124,6 +127,10 @@ def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
                 "broker_teacher_bytes": _float_or_nan((s.get("broker_memory") or {}).get("teacher_bytes")),
                 "broker_niceness": _float_or_nan(s.get("broker_niceness")),
                 "group": s["method"],
+                "task": task_of(s["config"]).name if "config" in s else "classify",
+                "val_loss": _mean_or_nan([r.get("val_loss") for r in replicas]),
+                "test_loss": _float_or_nan(s.get("test_loss_mean")),
+                "ensemble_test_loss": _float_or_nan(s.get("ensemble_test_loss")),
             }
         )
     return pd.DataFrame(rows)
@@ -175,6 +182,28 @@ def pct_mean_std(values: pd.Series) -> str:
     return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
 
 
+def num_mean_std(values: pd.Series, digits: int = 3, scale: float = 1.0) -> str:
+    v = values.dropna().astype(float) * scale
+    if v.empty:
+        return DASH
+    if len(v) == 1:
+        return f"{v.iloc[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def _accuracy_cells(g: pd.DataFrame, single_model: bool) -> dict:
+    return {"test acc": pct_mean_std(g["test_acc"]),
+            "ensemble acc": DASH if single_model else pct_mean_std(g["ensemble_test_acc"]),
+            "churn": DASH if single_model else pct_mean_std(g.get("churn", pd.Series(dtype=float)))}
+
+
+def _loss_cells(g: pd.DataFrame, single_model: bool) -> dict:
+    return {"val loss": num_mean_std(g["val_loss"]), "test loss": num_mean_std(g["test_loss"]),
+            "test bits/char": num_mean_std(g["test_loss"], scale=1 / math.log(2)),
+            "ensemble loss": DASH if single_model else num_mean_std(g["ensemble_test_loss"]),
+            "disagreement": DASH if single_model else pct_mean_std(g["disagreement"])}
+
+
 def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     """One row per method (codistill, independent, allreduce, then others), cells as strings.
 
@@ -182,17 +211,15 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     over seeds; one seed shows the value alone; "–" for single-model methods), churn (percent of
     test samples two replicas label differently, Anil et al. 2018; "–" for one model), wall time (s),
     bytes exchanged and all-reduce bytes (means, human readable).
+    Language models (every summary's task "lm") get, instead of test acc to churn: val loss and
+    test loss (nats per token, mean ± std over seeds), test bits/char, ensemble loss and the probe
+    set's top-1 disagreement per token at the end (percent).
     """
-    columns = [
-        "method",
-        "seeds",
-        "test acc",
-        "ensemble acc",
-        "churn",
-        "wall time (s)",
-        "bytes exchanged",
-        "all-reduce bytes",
-    ]
+    lm = not summaries.empty and "task" in summaries.columns and (summaries["task"] == "lm").all()
+    cells = _loss_cells if lm else _accuracy_cells
+    figures = (["val loss", "test loss", "test bits/char", "ensemble loss", "disagreement"] if lm
+               else ["test acc", "ensemble acc", "churn"])
+    columns = ["method", "seeds", *figures, "wall time (s)", "bytes exchanged", "all-reduce bytes"]
     if summaries.empty:
         return pd.DataFrame(columns=columns)
     key = "group" if "group" in summaries.columns else "method"
@@ -201,18 +228,10 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
         g = summaries[summaries[key] == method]
         single_model = (g["num_models"] == 1).all()
         wall = g["wall_time_s"].astype(float).mean()
-        rows.append(
-            {
-                "method": method,
-                "seeds": len(g),
-                "test acc": pct_mean_std(g["test_acc"]),
-                "ensemble acc": DASH if single_model else pct_mean_std(g["ensemble_test_acc"]),
-                "churn": DASH if single_model else pct_mean_std(g.get("churn", pd.Series(dtype=float))),
-                "wall time (s)": DASH if math.isnan(wall) else f"{wall:.0f}",
-                "bytes exchanged": human_bytes(g["bytes_exchanged"].astype(float).mean()),
-                "all-reduce bytes": human_bytes(g["allreduce_bytes"].astype(float).mean()),
-            }
-        )
+        rows.append({"method": method, "seeds": len(g), **cells(g, single_model),
+                     "wall time (s)": DASH if math.isnan(wall) else f"{wall:.0f}",
+                     "bytes exchanged": human_bytes(g["bytes_exchanged"].astype(float).mean()),
+                     "all-reduce bytes": human_bytes(g["allreduce_bytes"].astype(float).mean())})
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -258,6 +277,7 @@ def _plot_metric(metrics: pd.DataFrame, column: str, ylabel: str, path: Path, lo
 
 CURVES = [
     ("val/acc", "validation accuracy", "val_acc.png", False),
+    ("val/bpc", "validation loss (bits per character)", "val_bpc.png", False),  # language models
     ("train/loss", "train loss", "train_loss.png", True),
 ]
 DIVERGENCE_CURVES = [

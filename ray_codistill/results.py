@@ -26,13 +26,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ray_codistill.config import ConfigError, ExperimentConfig
-from ray_codistill.divergence import churn, ensemble_accuracy
+from ray_codistill.divergence import churn, ensemble_accuracy, ensemble_loss
+from ray_codistill.tasks import lm_figures, task_of
 
 if TYPE_CHECKING:  # pandas is imported where tables are made: the broker and the ledger, which
     import pandas as pd  # journal through this module, would carry it (40 MB each) for nothing
 
 ID_COLUMNS = ["experiment", "method", "replica", "seed", "step"]
 CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"  # a language model's tokens (text.Vocab), written beside the config
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -164,12 +166,17 @@ def summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, errors
     """`summary.json`: the replicas' final figures (`final`, from the ledger), the run's `stats`
     at its end, and where it came from."""
     replicas = [{**final[r]["result"], "restarts": stats["replicas"][str(r)]["restarts"]} for r in sorted(final)]
-    ensemble, prediction_churn = None, None
+    ensemble, ens_loss, prediction_churn = None, None, None
     if len(final) > 1:
-        probs = [final[r]["probs"] for r in sorted(final)]
-        ensemble = ensemble_accuracy(probs, final[sorted(final)[0]]["labels"])
+        probs, labels = [final[r]["probs"] for r in sorted(final)], final[sorted(final)[0]]["labels"]
+        ensemble, ens_loss = ensemble_accuracy(probs, labels), ensemble_loss(probs, labels)
         prediction_churn = churn(probs)
     counters = stats["replicas"]
+    loss_mean = float(np.mean([r["test_loss"] for r in replicas])) if replicas else None
+    lm = {}  # a language model's figures: bits per character and perplexity of the means
+    if task_of(cfg).is_lm:
+        lm = {**({f"{k}_mean": v for k, v in lm_figures(loss_mean, "test_").items()} if loss_mean is not None else {}),
+              **(lm_figures(ens_loss, "ensemble_test_") if ens_loss is not None else {})}
     return {
         "experiment": cfg.name, "method": cfg.method, "seed": cfg.seed, "num_models": cfg.num_models,
         # "stopped": ended early by `ray-codistill stop` (each replica's "steps" says where)
@@ -184,7 +191,10 @@ def summary(cfg: ExperimentConfig, final: dict, stats: dict, wall: float, errors
         "budget_reached": any(r.get("budget_reached", False) for r in replicas),
         "test_acc_mean": float(np.mean([r["test_acc"] for r in replicas])) if replicas else None,
         "ensemble_test_acc": ensemble,
-        "prediction_churn": prediction_churn,  # share of test samples two replicas label differently
+        "test_loss_mean": loss_mean,  # nats per sample (language models: per token)
+        "ensemble_test_loss": ens_loss,  # of the mean of the replicas' probabilities
+        **lm,
+        "prediction_churn": prediction_churn,  # share of test samples (tokens) two replicas label differently
         "final_divergence": stats["divergence"],
         "broker_niceness": stats["broker_niceness"],
         "wall_time_s": wall,

@@ -1,5 +1,8 @@
 """The teacher store: per replica, the newest logits of every training sample and their step.
 
+A sample's logits are [C] for a classifier, and [T, V] for a language model's window (`positions`
+= T: a row of logits per token, filed under the window's index and served whole).
+
 One store holds one shard of the training set: the samples whose index is `shard` modulo
 `num_shards` (all of them when there is one shard; the broker then holds the store itself, and
 with `codistill.broker_shards` > 1 each shard is its own actor, see `broker.start_broker`).
@@ -9,7 +12,8 @@ step and the load is even.
 With `topk` it keeps only the k largest logits of each sample (float16) and their classes, and
 serves them as dense logits whose other classes are `TOPK_FILL` (softmax gives them no mass: the
 KL teacher is the top-k distribution renormalised). Memory per replica and shard:
-`ceil(N / shards) x (k x 2 + k x 2 + 8)` bytes with top-k, `ceil(N / shards) x (C x 2 + 8)` without.
+`ceil(N / shards) x (k x 2 + k x 2 + 8)` bytes with top-k, `ceil(N / shards) x (C x 2 + 8)` without;
+for a language model T times the logits part (`T x k x 4 + 8`, `T x V x 2 + 8`).
 
 A fetch turns the peers' stored logits into one teacher per sample by `codistill.teacher_rule`:
 - `mean_logits`: the mean of the logits of the peers that hold the sample (within
@@ -45,12 +49,12 @@ def draw_peer(seed: int, replica: int, step: int, candidates: list[int]) -> int:
 
 
 def softmax_(z: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(z / T) over classes, computed in place in `z` (a float array the caller owns)."""
+    """softmax(z / T) over classes (the last axis), in place in `z` (a float array the caller owns)."""
     if temperature != 1.0:
         z /= temperature
-    z -= z.max(axis=1, keepdims=True)
+    z -= z.max(axis=-1, keepdims=True)
     np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
+    z /= z.sum(axis=-1, keepdims=True)
     return z
 
 
@@ -59,8 +63,10 @@ class TeacherStore:
 
     def __init__(self, num_replicas: int, num_train: int, num_classes: int, topk: int | None = None,
                  max_staleness: int | None = None, shard: int = 0, num_shards: int = 1,
-                 teacher_rule: str = "mean_logits", temperature: float = 1.0, seed: int = 0) -> None:
+                 teacher_rule: str = "mean_logits", temperature: float = 1.0, seed: int = 0,
+                 positions: int | None = None) -> None:
         self.num_replicas, self.num_train, self.num_classes = num_replicas, num_train, num_classes
+        self.item = (positions,) if positions else ()  # the shape of a sample's logits, less the classes
         self.topk, self.max_staleness = topk, max_staleness
         self.teacher_rule, self.temperature, self.seed = teacher_rule, temperature, seed
         self.shard, self.num_shards = shard, num_shards
@@ -69,8 +75,8 @@ class TeacherStore:
         self.latest_step = np.full(num_replicas, -1, dtype=np.int64)  # newest step each replica published
         self.floor: dict[tuple[int, int], int] = {}  # (replica, rank) -> newest step it published
         width = topk or num_classes
-        self._values = [np.zeros((0, width), np.float16)] * num_replicas  # allocated on first use
-        self._classes = [np.zeros((0, width), self._class_dtype())] * num_replicas
+        self._values = [np.zeros((0, *self.item, width), np.float16)] * num_replicas  # allocated on first use
+        self._classes = [np.zeros((0, *self.item, width), self._class_dtype())] * num_replicas
         self._step = [np.full(self.size, -1, dtype=np.int64) for _ in range(num_replicas)]
 
     def _class_dtype(self):
@@ -95,9 +101,9 @@ class TeacherStore:
             return reason
         local = self._local(indices)
         if self._values[replica].shape[0] == 0:
-            self._values[replica] = np.zeros((self.size, values.shape[1]), np.float16)
+            self._values[replica] = np.zeros((self.size, *values.shape[1:]), np.float16)
             if self.topk:
-                self._classes[replica] = np.zeros((self.size, self.topk), self._class_dtype())
+                self._classes[replica] = np.zeros((self.size, *classes.shape[1:]), self._class_dtype())
         self._values[replica][local] = values
         if self.topk:
             self._classes[replica][local] = classes
@@ -115,7 +121,7 @@ class TeacherStore:
         if not all(isinstance(a, np.ndarray) for a in arrays):
             return "dtype"
         width = self.topk or self.num_classes
-        if values.ndim != 2 or indices.ndim != 1 or len(indices) != len(values) or values.shape[1] != width:
+        if (indices.ndim != 1 or values.shape[1:] != (*self.item, width) or len(indices) != len(values)):
             return "shape"
         if self.topk and classes.shape != values.shape:
             return "shape"
@@ -175,7 +181,9 @@ class TeacherStore:
             count += valid
             age_sum += np.where(valid, age, 0)
         mask = count > 0
-        teacher = None if total is None else (total / np.maximum(count, 1)[:, None]).astype(np.float16)
+        if total is not None:
+            total /= np.maximum(count, 1).reshape(-1, *[1] * (total.ndim - 1))
+        teacher = None if total is None else total.astype(np.float16)
         age = np.where(mask, age_sum // np.maximum(count, 1), -1).astype(np.int32)
         c = self.counters[replica]
         c.fetches += 1
@@ -191,8 +199,8 @@ class TeacherStore:
         values = self._values[peer][local].astype(np.float32)
         if not self.topk:
             return values
-        dense = np.full((len(local), self.num_classes), TOPK_FILL, dtype=np.float32)
-        np.put_along_axis(dense, self._classes[peer][local].astype(np.int64), values, axis=1)
+        dense = np.full((len(local), *self.item, self.num_classes), TOPK_FILL, dtype=np.float32)
+        np.put_along_axis(dense, self._classes[peer][local].astype(np.int64), values, axis=-1)
         return dense
 
     # -- restarts -------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ class LogitsTeacher:
       per step only views of those;
     - a batch whose samples all have a teacher goes without a mask (boolean indexing and its
       backward cost more than the distillation term itself on a small model).
-    With `topk`, only each sample's k largest logits and their classes are published. With
+    With `topk`, only each sample's (a language model: each token's) k largest logits and their
+    classes are published. With
     `probs` (the `mean_probs` rule) the broker answers with probabilities, which are scaled back
     to a sum of 1 once per chunk (float16 leaves them up to about 1e-3 off).
     """
@@ -82,7 +83,7 @@ class LogitsTeacher:
         logits, mask, age = answer
         logits = torch.from_numpy(logits.astype(np.float32)).to(self.device)  # astype copies: writable
         if self.probs:  # rows without a teacher are all 0 and stay so
-            logits /= logits.sum(1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
+            logits /= logits.sum(-1, keepdim=True).clamp_min(torch.finfo(logits.dtype).tiny)
         bounds = np.cumsum([0, *sizes])
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             m = mask[lo:hi]
@@ -124,8 +125,8 @@ class LogitsTeacher:
         logits = torch.cat([z for _, _, z in self.outbox])
         classes = None
         if self.topk is not None:  # only the k largest logits and their classes leave the worker
-            dtype = torch.int16 if logits.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
-            logits, classes = logits.topk(self.topk, dim=1)
+            dtype = torch.int16 if logits.shape[-1] <= torch.iinfo(torch.int16).max else torch.int32
+            logits, classes = logits.topk(self.topk, dim=-1)
             classes = classes.to("cpu", dtype).numpy()
         logits = logits.to("cpu", torch.float16).numpy()
         if not np.isfinite(logits).all():  # already on the CPU: this check costs no device sync

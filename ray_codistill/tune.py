@@ -4,8 +4,9 @@ A search space file (YAML, see tuning/spaces/) names groups (a method and the hy
 search for it), the seeds every configuration is searched with, and the seeds the best
 configuration of each group is re-run with. Each Tune trial runs one whole experiment through
 `launcher.run` (the broker and R worker groups for codistill; one worker group for allreduce):
-Ray Train V2 inside a Tune function trial. Selection uses validation accuracy only; the test
-figures in the final table come from the re-runs alone.
+Ray Train V2 inside a Tune function trial. Selection uses validation figures only (accuracy, or
+a language model's loss: `tasks.py`); the test figures in the final table come from the re-runs
+alone.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from ray_codistill.console import say
 from ray_codistill.fmt import DASH, to_markdown
 from ray_codistill.results import write_atomic, write_parquet, write_text
 from ray_codistill.placement import cluster_nodes, concurrent_experiments
+from ray_codistill.tasks import CLASSIFY, Task, task_of
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 RESULT_COLUMNS = ["phase", "group", "method", "trial", "experiment", "seed", "status", "step", "val_acc",
-                  "test_acc", "ensemble_test_acc", "wall_time_s", "params"]
+                  "val_loss", "test_acc", "test_loss", "ensemble_test_acc", "ensemble_test_loss", "wall_time_s",
+                  "params"]
 
 
 @dataclass
@@ -106,7 +109,7 @@ def _domain(value: Any):
 # -- the trial -----------------------------------------------------------------------------------
 
 def run_trial(params: dict, base: dict, group: str, phase: str, trials_dir: str) -> None:
-    """One Tune trial: one whole experiment; reports validation accuracy as it goes."""
+    """One Tune trial: one whole experiment; reports validation accuracy and loss as it goes."""
     from ray import tune
     overrides = {k: v for k, v in params.items() if k != "seed"}
     trial = tune.get_context().get_trial_id()
@@ -119,11 +122,13 @@ def run_trial(params: dict, base: dict, group: str, phase: str, trials_dir: str)
         # poll sees it: ASHA then compares trials at the same steps whatever the timing
         if rows.empty or "val/acc" not in rows:
             return
-        evals = rows.dropna(subset=["val/acc"]).pivot_table(index="step", columns="replica", values="val/acc")
-        for step, accs in evals[evals.notna().sum(axis=1) == cfg.num_models].iterrows():
+        evals = rows.dropna(subset=["val/acc"]).pivot_table(index="step", columns="replica",
+                                                            values=["val/acc", "val/loss"])
+        for step, vals in evals[evals["val/acc"].notna().sum(axis=1) == cfg.num_models].iterrows():
             if reported["step"] < step < cfg.steps:
                 reported["step"] = int(step)
-                tune.report({"step": int(step), "val_acc": float(accs.mean())})
+                tune.report({"step": int(step), "val_acc": float(vals["val/acc"].mean()),
+                             "val_loss": float(vals["val/loss"].mean())})
 
     def on_progress(_progress: dict) -> None:
         try:
@@ -136,7 +141,9 @@ def run_trial(params: dict, base: dict, group: str, phase: str, trials_dir: str)
     report_evaluations(pd.read_parquet(result.path / "metrics.parquet"))  # those the polls did not see
     s = result.summary
     tune.report({"step": cfg.steps, "val_acc": float(np.mean([r["val_acc"] for r in s["replicas"]])),
+                 "val_loss": float(np.mean([r["val_loss"] for r in s["replicas"]])),
                  "test_acc": s["test_acc_mean"], "ensemble_test_acc": s["ensemble_test_acc"],
+                 "test_loss": s["test_loss_mean"], "ensemble_test_loss": s["ensemble_test_loss"],
                  "wall_time_s": s["wall_time_s"], "experiment": cfg.name, "path": str(result.path)})
 
 
@@ -157,7 +164,8 @@ def _tune(base: ExperimentConfig, group: Group, param_space: dict, phase: str, f
         # the trial only drives: its worker groups hold the CPUs (Tune refuses an empty request)
         tune.with_resources(trainable, {"CPU": 0, "memory": 2**20}),
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric="val_acc", mode="max", num_samples=samples, scheduler=sched,
+        tune_config=tune.TuneConfig(metric=f"val_{task_of(base).metric}", mode=task_of(base).mode,
+                                    num_samples=samples, scheduler=sched,
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=f"{base.name}-{group.name}-{phase}", storage_path=str(folder / "ray_tune"),
                                   verbose=1),
@@ -171,8 +179,8 @@ def _tune(base: ExperimentConfig, group: Group, param_space: dict, phase: str, f
                      "trial": m.get("trial_id"), "experiment": m.get("experiment"), "path": m.get("path"),
                      "seed": cfg.get("seed"), "status": "finished" if finished else
                      ("stopped early" if res.error is None else f"failed: {type(res.error).__name__}"),
-                     "step": m.get("step"), "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc"),
-                     "ensemble_test_acc": m.get("ensemble_test_acc"), "wall_time_s": m.get("wall_time_s"),
+                     **{k: m.get(k) for k in ("step", "val_acc", "val_loss", "test_acc", "test_loss",
+                                              "ensemble_test_acc", "ensemble_test_loss", "wall_time_s")},
                      # the exact values (pandas turns an int column holding a null into floats)
                      "params": json.dumps({k: v for k, v in cfg.items() if k != "seed"}, sort_keys=True),
                      **{k: v for k, v in cfg.items() if k != "seed"}})
@@ -208,15 +216,15 @@ def search(base: ExperimentConfig, space: SearchSpace, samples: int = 1, schedul
             grid = {k: _domain(v) for k, v in group.params.items()}
             frames.append(_tune(base, group, {**grid, "seed": _domain({"grid": space.seeds})}, "search", folder,
                                 samples, scheduler, max_concurrent))
-            best = _best(frames[-1], group)
-            say(f"tune {group.name}: best by validation accuracy: {best}")
+            best = _best(frames[-1], group, task_of(base))
+            say(f"tune {group.name}: best by validation {task_of(base).label}: {best}")
         else:  # nothing to choose between: straight to the re-runs
             say(f"tune {group.name}: one configuration, no search: {best}")
         frames.append(_tune(base, group, {**best, "seed": _domain({"grid": space.final_seeds})}, "final", folder,
                             1, "none", max_concurrent))
     results = pd.concat(frames, ignore_index=True)
     write_parquet(folder / "tune.parquet", results)
-    table, _ = write_report(folder, results)
+    table, _ = write_report(folder, results, task_of(base))
     return table, folder
 
 
@@ -254,41 +262,54 @@ def _only_configuration(group: Group) -> dict | None:
     return fixed
 
 
-def _best(rows: pd.DataFrame, group: Group) -> dict:
-    """The finished configuration with the best mean validation accuracy over the search seeds;
-    among equals (a small validation set ties often) the first in the search's (grid) order."""
+def _best(rows: pd.DataFrame, group: Group, task: Task = CLASSIFY) -> dict:
+    """The finished configuration with the best mean validation figure over the search seeds
+    (accuracy, or a language model's loss); among equals (a small validation set ties often) the
+    first in the search's (grid) order."""
     done = rows[rows["status"] == "finished"]
     if done.empty:
         raise launcher.RunError(f"tune {group.name}: no search trial finished; see the Tune output above")
-    return json.loads(done.groupby("params", sort=False)["val_acc"].mean().idxmax())
+    means = done.groupby("params", sort=False)[f"val_{task.metric}"].mean()
+    return json.loads(means.idxmax() if task.mode == "max" else means.idxmin())
 
 
 # -- report --------------------------------------------------------------------------------------
 
-def final_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Per group, the best configuration and its re-runs' test figures (mean ± std over seeds)."""
+def final_table(results: pd.DataFrame, lm: bool = False) -> pd.DataFrame:
+    """Per group, the best configuration and its re-runs' test figures (mean ± std over seeds):
+    accuracies, or a language model's (`lm`) losses in nats per token and bits per character."""
     final = results[(results["phase"] == "final") & (results["status"] == "finished")]
     rows = []
     for group, g in final.groupby("group", sort=False):
         params = json.loads(g["params"].iloc[0])
         single = (g["method"] == "allreduce").all()
-        rows.append({"group": group, "method": g["method"].iloc[0],
-                     "best config": ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                              for k, v in params.items()),
-                     "seeds": len(g), "val acc": report.pct_mean_std(g["val_acc"]),
-                     "test acc": report.pct_mean_std(g["test_acc"]),
-                     "ensemble acc": DASH if single else report.pct_mean_std(g["ensemble_test_acc"])})
+        row = {"group": group, "method": g["method"].iloc[0],
+               "best config": ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                        for k, v in params.items()),
+               "seeds": len(g)}
+        if lm:
+            row.update({"val loss": report.num_mean_std(g["val_loss"]),
+                        "test loss": report.num_mean_std(g["test_loss"]),
+                        "test bits/char": report.num_mean_std(g["test_loss"], scale=1 / math.log(2)),
+                        "ensemble loss": DASH if single else report.num_mean_std(g["ensemble_test_loss"])})
+        else:
+            row.update({"val acc": report.pct_mean_std(g["val_acc"]), "test acc": report.pct_mean_std(g["test_acc"]),
+                        "ensemble acc": DASH if single else report.pct_mean_std(g["ensemble_test_acc"])})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def plot_heatmap(search_rows: pd.DataFrame, x: str, y: str, path: Path) -> bool:
-    """Validation accuracy over two hyperparameters (mean over seeds, best over the others)."""
+def plot_heatmap(search_rows: pd.DataFrame, x: str, y: str, path: Path, task: Task = CLASSIFY) -> bool:
+    """The validation figure (accuracy in %, or a language model's loss) over two hyperparameters:
+    the mean over seeds, the best over the other parameters."""
     if not {x, y} <= set(search_rows.columns) or search_rows[[x, y]].isna().any().any():
         return False
     done = search_rows[search_rows["status"] == "finished"]
     others = [c for c in done.columns if c not in RESULT_COLUMNS + ["path", x, y] and done[c].notna().any()]
-    means = done.groupby([x, y] + others, dropna=False)["val_acc"].mean().reset_index()
-    table = means.groupby([y, x])["val_acc"].max().unstack(x)
+    col = f"val_{task.metric}"
+    means = done.groupby([x, y] + others, dropna=False)[col].mean().reset_index()
+    best = means.groupby([y, x])[col]
+    table = (best.max() if task.mode == "max" else best.min()).unstack(x)
     if table.empty:
         return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -296,29 +317,33 @@ def plot_heatmap(search_rows: pd.DataFrame, x: str, y: str, path: Path) -> bool:
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    im = ax.imshow(table.values * 100, cmap="viridis", aspect="auto", origin="lower")
+    scale, digits = (1, 3) if task.is_lm else (100, 1)
+    # brighter is better either way: a loss map uses the reversed colours
+    im = ax.imshow(table.values * scale, cmap="viridis_r" if task.mode == "min" else "viridis", aspect="auto",
+                   origin="lower")
     ax.set_xticks(range(len(table.columns)), [f"{v:g}" for v in table.columns])
     ax.set_yticks(range(len(table.index)), [f"{v:g}" for v in table.index])
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     for (i, j), v in np.ndenumerate(table.values):
         if not math.isnan(v):
-            ax.text(j, i, f"{v * 100:.1f}", ha="center", va="center", color="w")
-    fig.colorbar(im, ax=ax, label="validation accuracy (%)")
-    ax.set_title(f"{search_rows['group'].iloc[0]}: validation accuracy")
+            ax.text(j, i, f"{v * scale:.{digits}f}", ha="center", va="center", color="w")
+    label = "validation loss (nats/token)" if task.is_lm else "validation accuracy (%)"
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_title(f"{search_rows['group'].iloc[0]}: {label}")
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return True
 
 
-def write_report(folder: Path, results: pd.DataFrame) -> tuple[str, list[Path]]:
+def write_report(folder: Path, results: pd.DataFrame, task: Task = CLASSIFY) -> tuple[str, list[Path]]:
     """`tune.md` (the final table), heatmaps per group, curves of the re-runs."""
-    table = to_markdown(final_table(results))
+    table = to_markdown(final_table(results, task.is_lm))
     write_text(folder / "tune.md", table)
     written = []
     for group, g in results[results["phase"] == "search"].groupby("group", sort=False):
         path = folder / f"heatmap_{group}.png"
-        if plot_heatmap(g, "optim.weight_decay", "codistill.alpha", path) or \
-                plot_heatmap(g, "optim.weight_decay", "optim.lr", path):
+        if plot_heatmap(g, "optim.weight_decay", "codistill.alpha", path, task) or \
+                plot_heatmap(g, "optim.weight_decay", "optim.lr", path, task):
             written.append(path)
     final_dirs = [Path(p) for p in results.loc[results["phase"] == "final", "path"].dropna()]
     if final_dirs:

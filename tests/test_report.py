@@ -230,3 +230,26 @@ def test_import_has_no_matplotlib():
         cwd=Path(__file__).resolve().parents[1],
     ).stdout.strip()
     assert out == "False"
+
+
+def test_a_language_models_table_shows_losses_and_bits_per_character(tmp_path):
+    """Summaries of text runs: the table holds validation and test loss (nats per token, mean ± std
+    over seeds), bits per character, the ensemble's loss and the probe disagreement, no accuracy."""
+    for seed, (losses, ens) in enumerate([([1.80, 1.84], 1.75), ([1.90, 1.86], 1.79)]):
+        d = tmp_path / f"lm-s{seed}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({
+            "experiment": d.name, "method": "codistill", "seed": seed, "num_models": 2, "status": "finished",
+            "replicas": [{"replica": i, "val_loss": v + 0.1, "test_loss": v, "test_acc": 0.4} for i, v in
+                         enumerate(losses)],
+            "test_loss_mean": float(np.mean(losses)), "ensemble_test_loss": ens, "wall_time_s": 100.0,
+            "bytes_exchanged": 0, "allreduce_bytes": 0,
+            "final_divergence": {"pairs": [{"disagreement": 0.2}]},
+            "config": {"method": "codistill", "data": {"name": "text"}}}))
+    table = comparison_table(load_summaries([tmp_path / "lm-s0", tmp_path / "lm-s1"]))
+    row = table.iloc[0]
+    # the replicas' mean per seed (1.82, 1.88), then mean ± sample std over the seeds
+    assert row["test loss"] == "1.850 ± 0.042" and row["val loss"] == "1.950 ± 0.042"
+    assert row["test bits/char"] == f"{1.85 / math.log(2):.3f} ± {0.03 * math.sqrt(2) / math.log(2):.3f}"
+    assert row["ensemble loss"] == "1.770 ± 0.028" and row["disagreement"] == "20.0 ± 0.0"
+    assert "test acc" not in table.columns

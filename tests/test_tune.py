@@ -87,6 +87,7 @@ def test_space_files_are_checked(tmp_path):
     cfg = load_config(CONFIGS / "mnist1d.yaml")
     for name in ("regularization.yaml", "staleness.yaml", "replicas.yaml"):
         assert load_space(ROOT / "tuning" / "spaces" / name, cfg).groups
+    assert load_space(ROOT / "tuning" / "spaces" / "shakespeare.yaml", load_config(CONFIGS / "shakespeare.yaml")).groups
     bad = tmp_path / "bad.yaml"
     bad.write_text("groups: {codistill: {params: {codistill.alfa: {grid: [1]}}}}")
     with pytest.raises(ConfigError, match="codistill.alfa"):
@@ -132,3 +133,24 @@ except ClusterError as err:
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "refused: --scheduler asha needs Ray's dashboard" in out.stdout, out.stderr[-3000:]
     assert not (tmp_path / "smoke" / "ray_tune").exists()  # nothing started
+
+
+def test_a_language_model_is_selected_by_the_lowest_validation_loss():
+    """Tune's choice and table for a language model: the lowest mean validation loss wins (the
+    highest token accuracy would not), and the table shows losses and bits per character."""
+    from ray_codistill.tasks import LM
+    from ray_codistill.tune import Group, _best, final_table
+    rows = pd.DataFrame([
+        {"phase": "search", "status": "finished", "params": '{"optim.weight_decay": 0.0}', "val_loss": 1.9,
+         "val_acc": 0.50},
+        {"phase": "search", "status": "finished", "params": '{"optim.weight_decay": 0.1}', "val_loss": 1.8,
+         "val_acc": 0.45},
+    ])
+    assert _best(rows, Group("codistill", "codistill", {}), LM) == {"optim.weight_decay": 0.1}
+    assert _best(rows, Group("codistill", "codistill", {})) == {"optim.weight_decay": 0.0}  # accuracy: max
+    final = pd.DataFrame([{"phase": "final", "status": "finished", "group": "codistill", "method": "codistill",
+                           "params": '{"optim.weight_decay": 0.1}', "val_loss": v, "test_loss": v + 0.01,
+                           "ensemble_test_loss": v - 0.05} for v in (1.8, 1.9)])
+    table = final_table(final, lm=True)
+    assert table.loc[0, "test loss"] == "1.860 ± 0.071" and table.loc[0, "test bits/char"] == "2.683 ± 0.102"
+    assert "val acc" not in table.columns
