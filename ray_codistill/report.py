@@ -276,9 +276,9 @@ def _plot_metric(metrics: pd.DataFrame, column: str, ylabel: str, path: Path, lo
 
 
 CURVES = [
-    ("val/acc", "validation accuracy", "val_acc.png", False),
+    ("val/acc", "validation accuracy (per token for text)", "val_acc.png", False),
     ("val/bpc", "validation loss (bits per character)", "val_bpc.png", False),  # language models
-    ("train/loss", "train loss", "train_loss.png", True),
+    ("train/loss", "train loss (nats per sample; per token for text)", "train_loss.png", True),
 ]
 DIVERGENCE_CURVES = [
     ("disagreement", "top-1 disagreement on the probe set", "disagreement.png", False),

@@ -81,14 +81,17 @@ def _chosen(params: str) -> str:
 
 
 def scaling_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per R and group: the chosen parameters and mean ± std (over seeds) of the figures."""
+    """Per R and group: the chosen parameters and mean ± std (over seeds) of the figures (test and
+    ensemble accuracy, or a language model's losses in nats per token)."""
+    lm = (rows["task"] == "lm").all()
     out = []
     for (r, group), g in rows.groupby(["replicas", "group"], sort=False):
         single = (g["method"] == "allreduce").all()
+        figure, label = (report.num_mean_std, "loss") if lm else (report.pct_mean_std, "acc")
         out.append({
             "R": r, "group": group, "chosen": _chosen(g["params"].iloc[0]), "seeds": len(g),
-            "test acc": report.pct_mean_std(g["test_acc"]),
-            "ensemble acc": DASH if single else report.pct_mean_std(g["ensemble_test_acc"]),
+            f"test {label}": figure(g[f"test_{label}"]),
+            f"ensemble {label}": DASH if single else figure(g[f"ensemble_test_{label}"]),
             "disagreement": DASH if single else report.pct_mean_std(g["disagreement"]),
             "churn": DASH if single else report.pct_mean_std(g["churn"]),
             "wall time (s)": f"{g['wall_time_s'].median():.0f}",
@@ -104,16 +107,20 @@ def scaling_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_accuracy(rows: pd.DataFrame, path: Path) -> Path:
-    """Replica test accuracy (solid) and ensemble accuracy (dashed) against R, per group."""
+    """Mean replica test accuracy and ensemble accuracy against R, per group (a language model's:
+    test losses in nats per token)."""
+    lm = (rows["task"] == "lm").all()
+    label, scale = ("loss", 1) if lm else ("accuracy", 100)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(9, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
-    for ax, column, title in ((axes[0], "test_acc", "mean replica test accuracy"),
-                              (axes[1], "ensemble_test_acc", "ensemble test accuracy")):
+    short = "loss" if lm else "acc"
+    for ax, column, title in ((axes[0], f"test_{short}", f"mean replica test {label}"),
+                              (axes[1], f"ensemble_test_{short}", f"ensemble test {label}")):
         for i, (group, g) in enumerate(rows.groupby("group", sort=False)):  # one colour per group in both
-            stats = (g.groupby("replicas")[column].agg(["mean", "std"]) * 100).dropna(subset=["mean"])
+            stats = (g.groupby("replicas")[column].agg(["mean", "std"]) * scale).dropna(subset=["mean"])
             if not stats.empty:
                 ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
                             label=group, color=f"C{i}")
@@ -122,7 +129,7 @@ def plot_accuracy(rows: pd.DataFrame, path: Path) -> Path:
         ax.set_xlabel("replicas R")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (%)")
+    axes[0].set_ylabel("loss (nats/token)" if lm else "accuracy (%)")
     axes[0].legend()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return path

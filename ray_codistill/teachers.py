@@ -24,6 +24,13 @@ from ray_codistill.store import draw_peer
 PREFETCH_LEAD_STEPS = 4  # logits mode: steps between asking for a chunk of teachers and using it
 
 
+def state_bytes(state: dict) -> int:
+    """Bytes of a state dict's tensors, each storage once (a GPT's tied embedding is one matrix
+    under two names, and travels once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
+    return sum(storages.values())
+
+
 class Lookahead:
     """An iterator that can show its next items without consuming them."""
 
@@ -173,7 +180,7 @@ class WeightsTeacher:
             model.load_state_dict(state)
             model.requires_grad_(False)
             self.peers[peer] = (model, step)
-            self.tally["bytes"] += sum(t.numel() * t.element_size() for t in state.values())
+            self.tally["bytes"] += state_bytes(state)
 
     def teacher(self, x: torch.Tensor, step: int, device: torch.device, upcoming: Lookahead):
         self.step = step
@@ -214,7 +221,7 @@ class WeightsTeacher:
         if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
             raise NonFiniteError(f"replica {self.client.replica}: non-finite weights at step {step}; "
                                  f"not published, restarting from the last checkpoint")
-        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        nbytes = state_bytes(state)
         self.client.put_weights(step, [ray.put(state)], nbytes)
 
     def publish(self, step: int, idx: torch.Tensor, logits: torch.Tensor) -> None:

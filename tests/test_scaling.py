@@ -79,6 +79,11 @@ def test_study_reads_finished_searches_and_tabulates_against_r(tmp_path):
     ar = t.loc[("allreduce", 2)]
     assert ar["chosen"] == "lr 0.04" and ar["ensemble acc"] == "–" and ar["fetch p50 / p99 (ms)"] == "–"
     assert list(scaling_table(rows)["R"]) == [2, 4, 2, 4]  # per group, R ascending
+    # a language model's study: the same rows as text runs show losses, not accuracies
+    lm = rows.assign(task="lm", test_loss=rows["test_acc"] * 2, ensemble_test_loss=rows["ensemble_test_acc"] * 2)
+    t = scaling_table(lm).set_index(["group", "R"])
+    assert t.loc[("random_peer", 4), "test loss"] == "1.810 ± 0.014" and "test acc" not in t.columns
+    assert t.loc[("random_peer", 4), "ensemble loss"] == "1.900 ± 0.000"
 
 
 def test_study_refuses_bad_arguments(tmp_path):
