@@ -13,8 +13,10 @@ top-k, for the whole training text and for smaller `data.train_chars`.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from common import REPO, command, load_average, machine
@@ -31,7 +33,8 @@ def rss_bytes() -> int:
 
 
 def fill(windows: int, block: int, vocab: int, topk: int | None, chunk: int = 384) -> tuple[int, int]:
-    """A store of one replica filled with every window once: (its nbytes, resident growth)."""
+    """A store of one replica filled with every window once: (its nbytes, resident growth). Run in
+    a fresh process per case: memory an earlier case freed would otherwise be reused unseen."""
     before = rss_bytes()
     store = TeacherStore(1, windows, vocab, topk=topk, positions=block)
     rng = np.random.default_rng(0)
@@ -61,15 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         splits = load_splits(cfg.data)
         windows, block, vocab = len(splits.train), splits.input_shape[0], splits.num_classes
         for k in [None, *args.topk]:
-            nbytes, grown = fill(windows, block, vocab, k)
-            rows.append([f"{chars:,}" if chars else f"all ({windows * block:,})",
-                         f"{windows:,}", "full" if k is None else f"top-{k}", human_bytes(nbytes),
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+                nbytes, grown = pool.submit(fill, windows, block, vocab, k).result()
+            rows.append([f"{chars:,}" if chars else f"all ({windows * block:,})", f"{windows:,}", str(vocab),
+                         "full" if k is None else f"top-{k}", human_bytes(nbytes),
                          human_bytes(grown), human_bytes(nbytes / windows)])
             print(f"  {rows[-1]}", flush=True)
-    print(f"\nthe store of one replica (a broker holds one per replica; shards split it), vocabulary {vocab}, "
-          f"windows of {block}\n")
-    print(markdown_table(["training characters", "windows", "logits", "store bytes", "resident growth",
-                          "per window"], rows))
+    print(f"\nthe store of one replica (a broker holds one per replica; shards split it), windows of {block}; "
+          f"the vocabulary is the training text's\n")
+    print(markdown_table(["training characters", "windows", "vocabulary", "logits", "store bytes",
+                          "resident growth", "per window"], rows))
     return 0
 
 
