@@ -245,14 +245,17 @@ class Broker(_Exchange):
         return answer
 
     def record_teacher(self, replica: int, token: str, step: int, hits: int, misses: int, ages: np.ndarray,
-                       bytes_out: int) -> None:
+                       bytes_out: int, peer_ages: dict | None = None) -> None:
         """Weights mode: a worker's own teacher hits, ages and loaded bytes since its last
-        record, at its step `step` (its newest step, which peers' teacher ages are counted from)."""
+        record, at its step `step` (its newest step, which peers' teacher ages are counted from),
+        and per peer the [sum, count] of its teachers' ages."""
         if not self.guard.refuse(replica, token):
             c = self.counters[replica]
             c.hits += hits
             c.misses += misses
             c.add_ages(np.asarray(ages, dtype=np.int64))
+            for peer, (total, n) in (peer_ages or {}).items():
+                c.add_peer_ages(peer, total, n)
             c.bytes_out += bytes_out
             self.store.latest_step[replica] = max(self.store.latest_step[replica], step)
         self._after()

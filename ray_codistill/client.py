@@ -127,9 +127,11 @@ class BrokerClient(_Caller):
         """Our newest state dict (`[ObjectRef]`, `nbytes` of tensors) at `step`."""
         self._remote(self.handle.put_weights, step, ref, nbytes)
 
-    def record_teacher(self, step: int, hits: int, misses: int, ages: np.ndarray, bytes_out: int) -> None:
-        """Weights mode: our teacher hits, misses, ages and loaded bytes since the last record."""
-        self._remote(self.handle.record_teacher, step, hits, misses, ages, bytes_out)
+    def record_teacher(self, step: int, hits: int, misses: int, ages: np.ndarray, bytes_out: int,
+                       peer_ages: dict | None = None) -> None:
+        """Weights mode: our teacher hits, misses, ages and loaded bytes since the last record, and
+        per peer the [sum, count] of its teachers' ages (one per step it taught)."""
+        self._remote(self.handle.record_teacher, step, hits, misses, ages, bytes_out, peer_ages or {})
 
     def _timed(self, refs: list) -> list:
         """Record in `fetch_s` when the last of `refs` (one fetch's calls) has answered."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ray_codistill.config import METHODS, ConfigError, ExperimentConfig
+from ray_codistill.config import COMPARED, METHODS, ConfigError, ExperimentConfig
 from ray_codistill.console import say
 from ray_codistill.fmt import to_markdown
 from ray_codistill.results import write_parquet
@@ -22,7 +22,7 @@ def compare(cfg: ExperimentConfig, seeds: list[int], methods: list[str] | None =
     Experiments go to `<storage_path>/<name>/<name>-<method>-s<seed>`, with `comparison.parquet`
     (one row per experiment) and the report's PNG plots (`report.report`) beside them.
     """
-    methods = list(methods or METHODS)
+    methods = list(methods or COMPARED)
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"method: got {m!r}, allowed values: {', '.join(METHODS)}")

@@ -18,9 +18,12 @@ from ray_codistill.errors import ConfigError
 from ray_codistill.typed import build, parse_override, set_dotted  # noqa: F401 - parse_override is public here
 from ray_codistill.typed import check as _check, choice as _choice
 
-METHODS = ("codistill", "allreduce", "independent")
+METHODS = ("codistill", "allreduce", "independent", "distill")
+COMPARED = ("codistill", "independent", "allreduce")  # what `compare` runs by default
 DATASETS = ("mnist1d", "synthetic", "imagefolder", "cifar10", "text")
 TEACHER_RULES = ("mean_logits", "mean_probs", "random_peer")
+REPLICA_KEY_PREFIXES = ("model.", "optim.")  # what `replica_overrides` may set, besides REPLICA_KEYS
+REPLICA_KEYS = ("codistill.alpha", "workers_per_replica", "cpus_per_worker", "use_gpu")
 
 
 @dataclass
@@ -146,6 +149,10 @@ class CodistillConfig:
     # serve; null: leave it). Lowering it needs CAP_SYS_NICE (root; in a container, `docker run
     # --cap-add SYS_NICE`), else it stays 15 with a warning (docs/performance.md)
     broker_niceness: int | None = 0
+    # method distill: the experiment folder of the finished teacher (its config.json and
+    # checkpoints under train/)
+    teacher_from: str | None = None
+    teacher_replica: int = 0  # method distill: which replica of that experiment teaches
 
     def __post_init__(self) -> None:
         _check(self.alpha >= 0, "codistill.alpha", f"got {self.alpha}, must be >= 0")
@@ -174,6 +181,7 @@ class CodistillConfig:
         _check(self.broker_shards >= 1, "codistill.broker_shards", f"got {self.broker_shards}, must be >= 1")
         _check(self.broker_niceness is None or -20 <= self.broker_niceness <= 19, "codistill.broker_niceness",
                f"got {self.broker_niceness}, must be in -20..19 or null (Ray's)")
+        _check(self.teacher_replica >= 0, "codistill.teacher_replica", f"got {self.teacher_replica}, must be >= 0")
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -215,7 +223,8 @@ class ExperimentConfig:
     name: str = "experiment"  # unique experiment name; results go to <storage_path>/<name>
     # codistill: replicas learn from each other's stale predictions; allreduce: one model, synchronous
     # data parallel over all R x W workers; independent: R replicas that exchange nothing (alpha 0)
-    method: Literal["codistill", "allreduce", "independent"] = "codistill"
+    # distill: R replicas each distilled offline from a finished model (codistill.teacher_from)
+    method: Literal["codistill", "allreduce", "independent", "distill"] = "codistill"
     replicas: int = 2  # R (codistill needs >= 2); allreduce trains one model on R x W workers
     workers_per_replica: int = 1  # W: DDP workers inside one replica's worker group
     cpus_per_worker: float = 1.0  # Ray CPUs per worker; fractions let several worker groups share a small machine
@@ -243,6 +252,11 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     codistill: CodistillConfig = field(default_factory=CodistillConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    # entry r: dotted keys that replica r sets for itself (model.*, optim.*, codistill.alpha,
+    # workers_per_replica, cpus_per_worker, use_gpu), e.g. [{model.channels: 64}, {model.channels: 8}];
+    # {} keeps the shared config; replicas past the list keep it too. Its placement is already per
+    # replica (placement.replica_labels / replica_resources)
+    replica_overrides: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or "")), "name",
@@ -251,6 +265,8 @@ class ExperimentConfig:
         _check(self.replicas >= 1, "replicas", f"got {self.replicas}, must be >= 1")
         if self.method == "codistill":
             _check(self.replicas >= 2, "replicas", f"got {self.replicas}, codistill needs >= 2")
+        _check((self.method == "distill") == bool(self.codistill.teacher_from), "codistill.teacher_from",
+               "required for method=distill (a finished experiment's folder), and only for it")
         _check(self.workers_per_replica >= 1, "workers_per_replica", f"got {self.workers_per_replica}, must be >= 1")
         _check(self.cpus_per_worker > 0, "cpus_per_worker", f"got {self.cpus_per_worker}, must be > 0")
         _check(self.steps >= 1, "steps", f"got {self.steps}, must be >= 1")
@@ -274,6 +290,24 @@ class ExperimentConfig:
             _check(all(r == pl.replica_resources[0] for r in pl.replica_resources), "placement.replica_resources",
                    "allreduce is one worker group: Ray Train gives every worker the same resources; "
                    "place its workers with placement.replica_labels instead")
+        self._check_overrides()
+
+    def _check_overrides(self) -> None:
+        """Each entry: a mapping, only the keys a replica may set, values valid for that key."""
+        n = len(self.replica_overrides)
+        _check(n <= self.replicas, "replica_overrides",
+               f"got {n} entries for {self.replicas} replicas (entry r is replica r's; {{}} keeps the shared config)")
+        _check(self.method != "allreduce" or not any(self.replica_overrides), "replica_overrides",
+               "allreduce trains one model on every worker: its replicas cannot differ")
+        for r, entry in enumerate(self.replica_overrides):
+            for key in entry:
+                _check(key.startswith(REPLICA_KEY_PREFIXES) or key in REPLICA_KEYS, f"replica_overrides[{r}].{key}",
+                       f"not a per-replica key; allowed: {', '.join(p + '*' for p in REPLICA_KEY_PREFIXES)}, "
+                       f"{', '.join(REPLICA_KEYS)}")
+            try:
+                self.for_replica(r)
+            except ConfigError as err:
+                raise ConfigError(f"replica_overrides[{r}].{err}") from None
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -287,7 +321,33 @@ class ExperimentConfig:
 
     @property
     def distills(self) -> bool:
-        return self.method == "codistill" and self.codistill.alpha > 0
+        """Whether replicas learn from teachers: codistill or distill, with some replica's alpha
+        above 0."""
+        return self.method in ("codistill", "distill") and any(
+            self.for_replica(r).codistill.alpha > 0 for r in range(self.num_models))
+
+    @property
+    def exchanges(self) -> bool:
+        """Whether replicas exchange teachers through the broker: codistill that distills (a replica
+        whose own alpha is 0 still publishes for the others: one-way distillation)."""
+        return self.method == "codistill" and self.distills
+
+    @property
+    def mixed(self) -> bool:
+        """Whether some replica sets its own model, optimizer, alpha or resources."""
+        return any(self.replica_overrides)
+
+    def for_replica(self, replica: int) -> "ExperimentConfig":
+        """Replica `replica`'s own config: the shared one with its `replica_overrides` entry applied
+        (itself when the entry is empty or missing)."""
+        entry = self.replica_overrides[replica] if replica < len(self.replica_overrides) else {}
+        if not entry:
+            return self
+        raw = self.to_dict()
+        raw["replica_overrides"] = []
+        for key, value in entry.items():
+            set_dotted(raw, key, value)
+        return ExperimentConfig.from_dict(raw)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

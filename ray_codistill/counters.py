@@ -41,6 +41,9 @@ class Counters:
         self.bytes_out = 0
         self.age_max = 0
         self.rejected: dict[str, int] = {}  # reason -> count
+        # peer -> [sum, count] of the ages of the teachers that peer gave (in the peer's own steps):
+        # replicas of different sizes run at different speeds, so each pair has its own age
+        self.peer_age: dict[int, list[int]] = {}
         self._ages = np.zeros(AGE_WINDOW, dtype=np.int64)
         self._n_ages = 0
         # CPU seconds the store's thread spent answering each recent fetch (its share of one, in a
@@ -52,6 +55,12 @@ class Counters:
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def add_peer_ages(self, peer: int, total: int, count: int) -> None:
+        if count:
+            acc = self.peer_age.setdefault(int(peer), [0, 0])
+            acc[0] += int(total)
+            acc[1] += int(count)
 
     def add_ages(self, ages: np.ndarray) -> None:
         if ages.size == 0:
@@ -82,8 +91,7 @@ class Counters:
         new_ages = _since(self._ages, self._n_ages, self._reported[0])
         new_serve = _since(self._serve, self._n_serve, self._reported[1])
         self._reported = (self._n_ages, self._n_serve)
-        return {**{f: getattr(self, f) for f in self.FIELDS}, "age_max": self.age_max,
-                "rejected": dict(self.rejected), "ages": new_ages, "serve": new_serve}
+        return {**self.totals(), "ages": new_ages, "serve": new_serve}
 
     def absorb(self, report: dict, totals: bool = True) -> None:
         """Take a report of the same source into this mirror of its counters: the new ages and
@@ -92,13 +100,15 @@ class Counters:
             for f in self.FIELDS:
                 setattr(self, f, report[f])
             self.rejected = dict(report["rejected"])
+            self.peer_age = {int(p): list(v) for p, v in report.get("peer_age", {}).items()}
         self.add_ages(np.asarray(report["ages"], dtype=np.int64))
         self.age_max = max(self.age_max, report["age_max"])
         self.add_serve(report["serve"])
 
     def totals(self) -> dict:
         """The counts without the windows of ages and service times (what a journal keeps)."""
-        return {**{f: getattr(self, f) for f in self.FIELDS}, "age_max": self.age_max, "rejected": dict(self.rejected)}
+        return {**{f: getattr(self, f) for f in self.FIELDS}, "age_max": self.age_max, "rejected": dict(self.rejected),
+                "peer_age": {p: list(v) for p, v in self.peer_age.items()}}
 
     @classmethod
     def from_totals(cls, totals: dict) -> "Counters":
@@ -106,6 +116,7 @@ class Counters:
         for f in cls.FIELDS:
             setattr(out, f, totals[f])
         out.age_max, out.rejected = totals["age_max"], dict(totals["rejected"])
+        out.peer_age = {int(p): list(v) for p, v in totals.get("peer_age", {}).items()}
         return out
 
     @classmethod
@@ -117,6 +128,8 @@ class Counters:
                 setattr(out, field, getattr(out, field) + getattr(part, field))
             for reason, n in part.rejected.items():
                 out.rejected[reason] = out.rejected.get(reason, 0) + n
+            for peer, (total, n) in part.peer_age.items():
+                out.add_peer_ages(peer, total, n)
             out.add_ages(part.ages())
             out.age_max = max(out.age_max, part.age_max)
             out.add_serve(part.serve_times())
@@ -133,6 +146,8 @@ class Counters:
             "hits": self.hits, "misses": self.misses,
             "hit_rate": self.hits / served if served else None,
             "age_p50": p50, "age_p95": p95, "age_max": self.age_max if ages.size else None,
+            # the mean age of each peer's teachers, in that peer's own steps
+            "age_by_peer": {str(p): total / n for p, (total, n) in sorted(self.peer_age.items()) if n},
             "serve_ms_p50": serve_p50, "serve_ms_p99": serve_p99,
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "rejected": dict(self.rejected),
         }

@@ -26,10 +26,11 @@ from ray_codistill.cluster import connect
 from ray_codistill.config import ConfigError, ExperimentConfig
 from ray_codistill.console import RunProgress, say, train_logging
 from ray_codistill.data import describe, eval_batches, load_splits, probe_split
-from ray_codistill.models import check_model
-from ray_codistill.placement import broker_options, check_placement, cluster_nodes, scaling_kwargs
+from ray_codistill.models import check_model, describe_model
+from ray_codistill.placement import broker_options, check_placement, cluster_nodes, demands, scaling_kwargs
 from ray_codistill.replica import train_loop_per_worker
-from ray_codistill.errors import RunError
+from ray_codistill.errors import ModelError, RunError
+from ray_codistill.offline import check_teacher
 from ray_codistill.guard import new_token
 from ray_codistill.ledger import ledger_name, start_ledger
 from ray_codistill.results import CONFIG_FILE, VOCAB_FILE, prepare_folder, resume_folder, write_json, write_results
@@ -49,15 +50,16 @@ class ExperimentResult:
 def check_resources(cfg: ExperimentConfig) -> None:
     """Refuse a run the cluster cannot hold: too few CPUs or GPUs (RunError), or a placement that
     names labels or resources no node has (ConfigError, naming the key)."""
-    need_cpu = cfg.num_models * cfg.workers_per_model * cfg.cpus_per_worker
+    workers = [w for _, _, w in demands(cfg)]
+    need_cpu, need_gpu = sum(w["CPU"] for w in workers), sum(w.get("GPU", 0) for w in workers)
     have = ray.cluster_resources()
     if need_cpu > have.get("CPU", 0) + 1e-9:
-        raise RunError(f"the experiment needs {need_cpu:g} CPUs ({cfg.num_models} worker group(s) x "
-                       f"{cfg.workers_per_model} worker(s) x cpus_per_worker={cfg.cpus_per_worker:g}) but the "
-                       f"cluster has {have.get('CPU', 0):g}; lower cpus_per_worker or add nodes")
-    if cfg.use_gpu and cfg.num_models * cfg.workers_per_model > have.get("GPU", 0):
-        raise RunError(f"use_gpu=true needs {cfg.num_models * cfg.workers_per_model} GPUs, "
-                       f"the cluster has {have.get('GPU', 0):g}")
+        raise RunError(f"the experiment needs {need_cpu:g} CPUs ({cfg.num_models} worker group(s), {len(workers)} "
+                       f"worker(s) in all, cpus_per_worker={cfg.cpus_per_worker:g}"
+                       f"{' or its replica_overrides' if cfg.mixed else ''}) but the cluster has "
+                       f"{have.get('CPU', 0):g}; lower cpus_per_worker or add nodes")
+    if need_gpu > have.get("GPU", 0):
+        raise RunError(f"use_gpu=true needs {need_gpu:g} GPUs, the cluster has {have.get('GPU', 0):g}")
     check_placement(cfg, cluster_nodes())
 
 
@@ -65,10 +67,11 @@ def check_resources(cfg: ExperimentConfig) -> None:
 
 def _trainer(cfg: ExperimentConfig, replica: int, splits_ref, folder: Path, token: str) -> TorchTrainer:
     run_name = f"{cfg.name}-allreduce" if cfg.method == "allreduce" else f"{cfg.name}-r{replica}"
+    own = cfg.for_replica(replica)  # its workers and GPU (replica_overrides)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "replica": replica, "splits": splits_ref, "token": token},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers_per_model, use_gpu=cfg.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=own.workers_per_model, use_gpu=own.use_gpu,
                                                **scaling_kwargs(cfg, replica)),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(folder / "train"),
@@ -98,7 +101,8 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
     """
     # everything that can refuse the run comes before the folder: a refused run touches no results
     splits = load_splits(cfg.data)
-    check_model(cfg.model, splits.input_shape, splits.num_classes, text=splits.is_text)
+    _check_models(cfg, splits)
+    teacher = check_teacher(cfg, splits) if cfg.method == "distill" else None
     if cfg.codistill.topk is not None and cfg.codistill.topk > splits.num_classes:
         what = f"a vocabulary of {splits.num_classes} tokens" if splits.is_text else f"{splits.num_classes} classes"
         raise ConfigError(f"codistill.topk: got {cfg.codistill.topk}, the data has {what}")
@@ -113,6 +117,12 @@ def run(cfg: ExperimentConfig, address: str | None = None, overwrite: bool = Fal
             write_text(folder / VOCAB_FILE, splits.vocab.to_json())
     say(f"experiment {cfg.name}: {cfg.method}, {cfg.num_models} model(s) x {cfg.workers_per_model} worker(s), "
         f"{cfg.steps} steps, batch {cfg.batch_size}/worker; {describe(splits)}")
+    if cfg.mixed:
+        say("replicas: " + "; ".join(f"r{r} {describe_model(own.model)}, alpha {own.codistill.alpha:g}, "
+                                     f"{own.workers_per_replica} worker(s)"
+                                     for r, own in ((r, cfg.for_replica(r)) for r in range(cfg.num_models))))
+    if teacher:
+        say(f"teacher: {teacher}")
     say(f"results: {folder}")
 
     started = time.time()
@@ -222,6 +232,22 @@ def _fmt_final(summary: dict) -> str:
     accs = " ".join(f"r{r['replica']}={r['test_acc']:.4f}" for r in summary["replicas"])
     ens = summary.get("ensemble_test_acc")
     return "test acc " + accs + (f", ensemble {ens:.4f}" if ens is not None else "")
+
+
+def _check_models(cfg: ExperimentConfig, splits) -> None:
+    """Every distinct model of the replicas must take the data and answer with its classes (or
+    vocabulary, per token), so the teachers they exchange match; the key of the replica that
+    does not fit is named."""
+    checked = []
+    for r in range(cfg.num_models):
+        model = cfg.for_replica(r).model
+        if model in checked:
+            continue
+        checked.append(model)
+        try:
+            check_model(model, splits.input_shape, splits.num_classes, text=splits.is_text)
+        except ModelError as err:
+            raise ModelError(f"replica_overrides[{r}].{err}" if model != cfg.model else str(err)) from None
 
 
 def _check_niceness(exchange, wanted: int | None) -> None:

@@ -277,7 +277,9 @@ class Ledger:
         replicas = {}
         for r in range(self.num_replicas):
             p = self._progress.get(r, {})
+            first = self._workers.get(r, {}).get(0, {})
             replicas[str(r)] = {
+                "model": first.get("model"), "params": first.get("params"),  # what the replica is
                 "step": self._latest_step(r), "train_loss": p.get("train/loss"), "val_acc": p.get("val/acc"),
                 "val_loss": p.get("val/loss"),
                 "samples_per_s": p.get("perf/samples_per_s"), **self._counters(r).as_dict(),

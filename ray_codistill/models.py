@@ -107,3 +107,14 @@ def check_model(cfg: ModelConfig, input_shape: tuple, num_classes: int, text: bo
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def describe_model(cfg: ModelConfig) -> str:
+    """A model's name and the sizes that set it, e.g. `mnist1d_cnn(channels=25)`, `gpt(4x128, 4 heads)`."""
+    if cfg.name == "mnist1d_cnn":
+        return f"mnist1d_cnn(channels={cfg.channels})"
+    if cfg.name == "mlp":
+        return f"mlp(hidden={cfg.hidden})"
+    if cfg.name == "gpt":
+        return f"gpt({cfg.n_layer}x{cfg.n_embd}, {cfg.n_head} heads)"
+    return cfg.name

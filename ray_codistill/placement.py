@@ -40,9 +40,11 @@ def selector_matches(selector: dict, labels: dict) -> bool:
 
 
 def worker_resources(cfg: ExperimentConfig, replica: int) -> dict[str, float]:
-    """What each worker of replica `replica`'s group asks for (allreduce: replica 0's entry)."""
+    """What each worker of replica `replica`'s group asks for (allreduce: replica 0's entry), with
+    the replica's own `cpus_per_worker` and `use_gpu` (`replica_overrides`)."""
     custom = cfg.placement.replica_resources[replica] if cfg.placement.replica_resources else {}
-    return {"CPU": cfg.cpus_per_worker, **({"GPU": 1.0} if cfg.use_gpu else {}), **custom}
+    own = cfg.for_replica(replica) if cfg.method != "allreduce" else cfg
+    return {"CPU": own.cpus_per_worker, **({"GPU": 1.0} if own.use_gpu else {}), **custom}
 
 
 def label_selector(cfg: ExperimentConfig, model: int) -> list[dict] | None:
@@ -52,7 +54,7 @@ def label_selector(cfg: ExperimentConfig, model: int) -> list[dict] | None:
         return None
     if cfg.method == "allreduce":  # replica r's share of the workers goes where replica r would
         return [dict(labels[w // cfg.workers_per_replica]) for w in range(cfg.workers_per_model)]
-    return [dict(labels[model]) for _ in range(cfg.workers_per_model)]
+    return [dict(labels[model]) for _ in range(cfg.for_replica(model).workers_per_model)]
 
 
 def scaling_kwargs(cfg: ExperimentConfig, model: int) -> dict:
@@ -79,7 +81,8 @@ def demands(cfg: ExperimentConfig) -> list[tuple[str, dict, dict]]:
     """Every worker of the experiment: (config key that places it, label selector, resources)."""
     out = []
     for model in range(cfg.num_models):
-        selectors = label_selector(cfg, model) or [{}] * cfg.workers_per_model
+        workers = cfg.workers_per_model if cfg.method == "allreduce" else cfg.for_replica(model).workers_per_model
+        selectors = label_selector(cfg, model) or [{}] * workers
         for w, sel in enumerate(selectors):
             r = w // cfg.workers_per_replica if cfg.method == "allreduce" else model
             out.append((f"placement.replica_labels[{r}]", sel, worker_resources(cfg, r)))

@@ -27,7 +27,8 @@ from ray_codistill.config import ExperimentConfig
 from ray_codistill.errors import NonFiniteError
 from ray_codistill.data import eval_batches, probe_split, train_batches, train_indices
 from ray_codistill.loss import alpha_at, codistill_loss
-from ray_codistill.models import build_model
+from ray_codistill.models import build_model, count_parameters, describe_model
+from ray_codistill.offline import FixedTeacher
 from ray_codistill.optim import build_optimizer
 from ray_codistill.tasks import lm_figures, task_of
 from ray_codistill.teachers import Lookahead, LogitsTeacher, WeightsTeacher
@@ -186,8 +187,9 @@ class Budget:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    cfg = ExperimentConfig.from_dict(loop_config["config"])
+    shared = ExperimentConfig.from_dict(loop_config["config"])
     replica: int = loop_config["replica"]
+    cfg = shared.for_replica(replica)  # this replica's own model, optimizer and alpha (replica_overrides)
     splits = ray.get(loop_config["splits"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -197,7 +199,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # -- model, optimizer, data ------------------------------------------------------------------
     torch.manual_seed(seed)  # the same init on every rank of a replica, another per replica
-    model_fn = lambda: build_model(cfg.model, splits.input_shape, splits.num_classes)  # noqa: E731
+    def model_fn(of: int = replica) -> torch.nn.Module:  # a peer's own architecture, for its weights
+        return build_model(shared.for_replica(of).model, splits.input_shape, splits.num_classes)
+
     model = ray.train.torch.prepare_model(model_fn())
     counter = AllreduceCounter()
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -216,18 +220,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     client.register(start)
     ledger.register_worker({"pid": os.getpid(), "host": socket.gethostname(),
                             "node_id": ray.get_runtime_context().get_node_id(),
-                            "node_ip": ray.util.get_node_ip_address(), "device": str(device)}, start)
+                            "node_ip": ray.util.get_node_ip_address(), "device": str(device),
+                            "model": describe_model(cfg.model), "params": count_parameters(unwrap(model))}, start)
     cc = cfg.codistill
     probs = cc.teacher_rule == "mean_probs"  # the teacher is a distribution, not logits
     exchange = None
-    if cfg.distills:
+    if shared.method == "distill":  # offline: a finished model teaches, nothing is exchanged
+        exchange = FixedTeacher(cfg, splits, device)
+    elif shared.exchanges:  # a replica whose own alpha is 0 still publishes for the others
         _wait_for_peers(ledger, cfg.num_models, cc.wait_for_peers_s)
         exchange = (LogitsTeacher(client, cc.exchange_batches, device, cc.topk, probs=probs)
                     if cc.exchange == "logits" else
                     WeightsTeacher(client, model_fn, cc.exchange_every, device, cc.teacher_rule, cc.temperature,
                                    cfg.seed))
     probe = probe_split(splits, cc.probe_size) if rank == 0 and cfg.num_models > 1 and cc.probe_every else None
-    alpha_of = (lambda s: alpha_at(s, cc.alpha, cc.burn_in, cc.ramp_steps)) if cfg.distills else (lambda s: 0.0)
+    alpha_of = (lambda s: alpha_at(s, cc.alpha, cc.burn_in, cc.ramp_steps)) if exchange is not None else (lambda s: 0.0)
 
     # -- loop ------------------------------------------------------------------------------------
     def new_window() -> dict:
@@ -315,7 +322,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         exchange.flush()
 
     # -- final figures: validation for selection, test for the record ------------------------------
-    result = {"replica": replica, "steps": done, **({"stopped": True} if stopped == "request" else {}),
+    result = {"replica": replica, "model": describe_model(cfg.model), "params": count_parameters(unwrap(model)),
+              "steps": done, **({"stopped": True} if stopped == "request" else {}),
               **({"budget_reached": True} if stopped == "budget" else {})}
     if rank == 0:
         fresh = last_val is not None and start < done

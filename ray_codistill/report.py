@@ -24,7 +24,7 @@ from ray_codistill.fmt import DASH, human_bytes, to_markdown
 from ray_codistill.results import write_atomic
 from ray_codistill.tasks import task_of
 
-METHOD_ORDER = ("codistill", "independent", "allreduce")
+METHOD_ORDER = ("codistill", "independent", "allreduce", "distill")
 SUMMARY = "summary.json"
 METRICS = "metrics.parquet"
 DIVERGENCE = "divergence.parquet"
@@ -92,48 +92,63 @@ def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
     broker_peak_rss_bytes, broker_teacher_bytes, broker_niceness (NaN in summaries older than it),
     group (the method: rows are aggregated per group), task ("lm" for language models, else
     "classify"), val_loss and test_loss (the replicas' means, nats per sample or token),
-    ensemble_test_loss.
+    ensemble_test_loss, model and params (the replicas' model and parameter count).
+
+    An experiment whose replicas are of different architectures (`replica_overrides`) gives one
+    row per architecture: its figures are that architecture's replicas' (never a mean over a large
+    and a small model), the ensemble and exchange figures the whole run's, and its group is
+    `<method> <model>`.
     """
     rows = []
     for d in dirs:
         s = _read_summary(Path(d))
-        replicas = s.get("replicas") or []
-        replica_accs = [float(r["test_acc"]) for r in replicas if r.get("test_acc") is not None]
-        broker = list((s.get("broker") or {}).values())
-        rows.append(
-            {
-                "experiment": s.get("experiment", Path(d).name),
-                "method": s["method"],
-                "seed": s.get("seed"),
-                "num_models": s.get("num_models", len(replicas) or 1),
-                "test_acc": _float_or_nan(s.get("test_acc_mean")),
-                "ensemble_test_acc": _float_or_nan(s.get("ensemble_test_acc")),
-                "best_replica_acc": max(replica_accs) if replica_accs else math.nan,
-                "wall_time_s": _float_or_nan(s.get("wall_time_s")),
-                "bytes_exchanged": s.get("bytes_exchanged", 0),
-                "allreduce_bytes": s.get("allreduce_bytes", 0),
-                "churn": _float_or_nan((s.get("prediction_churn") or {}).get("mean")),
-                "disagreement": _mean_or_nan([p["disagreement"] for p in (s.get("final_divergence") or {}).get(
-                    "pairs", [])]),
-                # the replicas' own fetch round trips: the median of their p50s, the worst p99
-                "fetch_ms_p50": _median_or_nan([r.get("fetch_ms_p50") for r in replicas]),
-                "fetch_ms_p99": max([r["fetch_ms_p99"] for r in replicas if r.get("fetch_ms_p99") is not None],
-                                    default=math.nan),
-                # the broker's CPU time computing those answers (its counters): the same aggregation
-                "serve_ms_p50": _median_or_nan([c.get("serve_ms_p50") for c in broker]),
-                "serve_ms_p99": max([c["serve_ms_p99"] for c in broker if c.get("serve_ms_p99") is not None],
-                                    default=math.nan),
-                "broker_peak_rss_bytes": _float_or_nan((s.get("broker_memory") or {}).get("peak_rss_bytes")),
-                "broker_teacher_bytes": _float_or_nan((s.get("broker_memory") or {}).get("teacher_bytes")),
-                "broker_niceness": _float_or_nan(s.get("broker_niceness")),
-                "group": s["method"],
-                "task": task_of(s["config"]).name if "config" in s else "classify",
-                "val_loss": _mean_or_nan([r.get("val_loss") for r in replicas]),
-                "test_loss": _float_or_nan(s.get("test_loss_mean")),
-                "ensemble_test_loss": _float_or_nan(s.get("ensemble_test_loss")),
-            }
-        )
+        everyone = s.get("replicas") or []
+        models = list(dict.fromkeys(r.get("model") for r in everyone)) or [None]
+        for model in models:
+            replicas = [r for r in everyone if r.get("model") == model]
+            rows.append(_summary_row(d, s, replicas, model if len(models) > 1 else None))
     return pd.DataFrame(rows)
+
+
+def _summary_row(d, s: dict, replicas: list[dict], architecture: str | None) -> dict:
+    """One row of `load_summaries`: the experiment, or one architecture of a mixed experiment."""
+    replica_accs = [float(r["test_acc"]) for r in replicas if r.get("test_acc") is not None]
+    broker = list((s.get("broker") or {}).values())
+    mean = (lambda key: _mean_or_nan([r.get(key) for r in replicas])) if architecture else None
+    return {
+        "experiment": s.get("experiment", Path(d).name),
+        "method": s["method"],
+        "seed": s.get("seed"),
+        "num_models": s.get("num_models", len(replicas) or 1),
+        "test_acc": mean("test_acc") if mean else _float_or_nan(s.get("test_acc_mean")),
+        "ensemble_test_acc": _float_or_nan(s.get("ensemble_test_acc")),
+        "best_replica_acc": max(replica_accs) if replica_accs else math.nan,
+        "wall_time_s": _float_or_nan(s.get("wall_time_s")),
+        "bytes_exchanged": s.get("bytes_exchanged", 0),
+        "allreduce_bytes": s.get("allreduce_bytes", 0),
+        "churn": _float_or_nan((s.get("prediction_churn") or {}).get("mean")),
+        "disagreement": _mean_or_nan([p["disagreement"] for p in (s.get("final_divergence") or {}).get(
+            "pairs", [])]),
+        # the replicas' own fetch round trips: the median of their p50s, the worst p99
+        "fetch_ms_p50": _median_or_nan([r.get("fetch_ms_p50") for r in replicas]),
+        "fetch_ms_p99": max([r["fetch_ms_p99"] for r in replicas if r.get("fetch_ms_p99") is not None],
+                            default=math.nan),
+        # the broker's CPU time computing those answers (its counters): the same aggregation
+        "serve_ms_p50": _median_or_nan([c.get("serve_ms_p50") for c in broker]),
+        "serve_ms_p99": max([c["serve_ms_p99"] for c in broker if c.get("serve_ms_p99") is not None],
+                            default=math.nan),
+        "broker_peak_rss_bytes": _float_or_nan((s.get("broker_memory") or {}).get("peak_rss_bytes")),
+        "broker_teacher_bytes": _float_or_nan((s.get("broker_memory") or {}).get("teacher_bytes")),
+        "broker_niceness": _float_or_nan(s.get("broker_niceness")),
+        "group": f"{s['method']} {architecture}" if architecture else s["method"],
+        "task": task_of(s["config"]).name if "config" in s else "classify",
+        "val_acc": _mean_or_nan([r.get("val_acc") for r in replicas]),
+        "val_loss": _mean_or_nan([r.get("val_loss") for r in replicas]),
+        "test_loss": mean("test_loss") if mean else _float_or_nan(s.get("test_loss_mean")),
+        "ensemble_test_loss": _float_or_nan(s.get("ensemble_test_loss")),
+        "model": replicas[0].get("model") if replicas else None,
+        "params": replicas[0].get("params") if replicas else None,
+    }
 
 
 def load_metrics(dirs: Iterable[str | Path]) -> pd.DataFrame:
@@ -165,11 +180,13 @@ def load_divergence(dirs: Iterable[str | Path]) -> pd.DataFrame:
 # --- the comparison table ----------------------------------------------------------------------
 
 
-def _method_rank(method: str) -> tuple[int, str]:
+def _method_rank(group: str) -> tuple[int, str]:
     # Known methods in a fixed order so tables from different runs line up; others after, by name.
+    # A group may name a model after its method ("codistill mlp(hidden=8)"): the method ranks it.
+    method = group.split(" ", 1)[0]
     if method in METHOD_ORDER:
-        return (METHOD_ORDER.index(method), "")
-    return (len(METHOD_ORDER), method)
+        return (METHOD_ORDER.index(method), group)
+    return (len(METHOD_ORDER), group)
 
 
 def pct_mean_std(values: pd.Series) -> str:
@@ -204,6 +221,10 @@ def _loss_cells(g: pd.DataFrame, single_model: bool) -> dict:
             "disagreement": DASH if single_model else pct_mean_std(g["disagreement"])}
 
 
+def _count(n) -> str:
+    return DASH if n is None or (isinstance(n, float) and math.isnan(n)) else f"{int(n):,}"
+
+
 def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     """One row per method (codistill, independent, allreduce, then others), cells as strings.
 
@@ -219,16 +240,24 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     cells = _loss_cells if lm else _accuracy_cells
     figures = (["val loss", "test loss", "test bits/char", "ensemble loss", "disagreement"] if lm
                else ["test acc", "ensemble acc", "churn"])
-    columns = ["method", "seeds", *figures, "wall time (s)", "bytes exchanged", "all-reduce bytes"]
+    # several architectures (a large and a small model): a row per method and model, with its size
+    sizes = "model" in summaries.columns and summaries["model"].nunique() > 1
+    columns = ["method", *(["params"] if sizes else []), "seeds", *figures, "wall time (s)", "bytes exchanged",
+               "all-reduce bytes"]
     if summaries.empty:
         return pd.DataFrame(columns=columns)
     key = "group" if "group" in summaries.columns else "method"
+    if sizes:
+        summaries = summaries.assign(group=[k if f" {m}" in k else f"{k} {m}"
+                                            for k, m in zip(summaries[key], summaries["model"])])
+        key = "group"
     rows = []
     for method in sorted(summaries[key].unique(), key=_method_rank):
         g = summaries[summaries[key] == method]
         single_model = (g["num_models"] == 1).all()
         wall = g["wall_time_s"].astype(float).mean()
-        rows.append({"method": method, "seeds": len(g), **cells(g, single_model),
+        rows.append({"method": method, **({"params": _count(g["params"].iloc[0])} if sizes else {}),
+                     "seeds": len(g), **cells(g, single_model),
                      "wall time (s)": DASH if math.isnan(wall) else f"{wall:.0f}",
                      "bytes exchanged": human_bytes(g["bytes_exchanged"].astype(float).mean()),
                      "all-reduce bytes": human_bytes(g["allreduce_bytes"].astype(float).mean())})

@@ -146,6 +146,34 @@ def load_resumable(name: str, storage_path: str) -> ExperimentConfig:
 
 # -- tables and the summary -------------------------------------------------------------------------
 
+# -- a finished experiment, read back ------------------------------------------------------------
+
+def read_config(folder: str | os.PathLike) -> ExperimentConfig:
+    """The config an experiment folder was run with (its `config.json`)."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not an experiment folder (no {CONFIG_FILE})")
+    return ExperimentConfig.from_dict(json.loads(path.read_text()))
+
+
+def replica_runs(folder: str | os.PathLike, cfg: ExperimentConfig) -> dict[int, Path]:
+    """Each worker group's Ray Train folder (its checkpoints) in an experiment folder."""
+    train = Path(folder) / "train"
+    if cfg.method == "allreduce":
+        return {0: train / f"{cfg.name}-allreduce"}
+    return {r: train / f"{cfg.name}-r{r}" for r in range(cfg.num_models)}
+
+
+def newest_state(run_dir: Path) -> dict:
+    """The saved state with the highest step among a worker group's checkpoints (Ray Train keeps
+    two): `{"step", "model", "optimizer", ...}` as `replica._save_checkpoint` wrote it."""
+    import torch  # here: the broker and the ledger import this module and must not load torch
+    states = [torch.load(p, map_location="cpu", weights_only=False) for p in Path(run_dir).glob("checkpoint_*/state.pt")]
+    if not states:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint")
+    return max(states, key=lambda s: s["step"])
+
+
 def _tag(cfg: ExperimentConfig, df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     """Sort a table and put experiment, method and seed in front, as every result table has."""
     df = df.sort_values(order, kind="stable").reset_index(drop=True)

@@ -7,51 +7,39 @@ this machine has one, else on the CPU; no Ray is started.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ray_codistill.config import ExperimentConfig
 from ray_codistill.errors import ReportError
 from ray_codistill.gpt import sample_tokens
 from ray_codistill.models import build_model
-from ray_codistill.results import CONFIG_FILE, VOCAB_FILE
+from ray_codistill.results import VOCAB_FILE, newest_state, read_config, replica_runs
 from ray_codistill.text import Vocab
-
-
-def _run_dirs(folder: Path, cfg: ExperimentConfig) -> dict[int, Path]:
-    if cfg.method == "allreduce":
-        return {0: folder / "train" / f"{cfg.name}-allreduce"}
-    return {r: folder / "train" / f"{cfg.name}-r{r}" for r in range(cfg.num_models)}
-
-
-def newest_state(run_dir: Path) -> dict:
-    """The saved state with the highest step among a worker group's checkpoints."""
-    states = [torch.load(p, map_location="cpu", weights_only=False) for p in run_dir.glob("checkpoint_*/state.pt")]
-    if not states:
-        raise ReportError(f"{run_dir}: no checkpoint (has the replica finished a step?)")
-    return max(states, key=lambda s: s["step"])
 
 
 def load_models(folder: str | Path, replicas: list[int] | None = None, device: torch.device | None = None):
     """(models in eval mode, vocabulary, steps) of the chosen replicas (all by default)."""
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).exists():
-        raise ReportError(f"{folder}: not an experiment folder (no {CONFIG_FILE})")
-    cfg = ExperimentConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    try:
+        cfg = read_config(folder)
+    except FileNotFoundError as err:
+        raise ReportError(str(err)) from None
     if not (folder / VOCAB_FILE).exists():
         raise ReportError(f"{folder}: no {VOCAB_FILE}: sampling needs a language model (data.name=text)")
     vocab = Vocab.from_json((folder / VOCAB_FILE).read_text())
-    runs = _run_dirs(folder, cfg)
+    runs = replica_runs(folder, cfg)
     chosen = sorted(runs) if replicas is None else replicas
     for r in chosen:
         if r not in runs:
             raise ReportError(f"--replica {r}: the experiment has replica(s) {sorted(runs)}")
     models, steps = [], []
     for r in chosen:
-        state = newest_state(runs[r])
-        model = build_model(cfg.model, (cfg.data.block_size,), len(vocab))
+        try:
+            state = newest_state(runs[r])
+        except FileNotFoundError as err:
+            raise ReportError(f"{err} (has the replica finished a step?)") from None
+        model = build_model(cfg.for_replica(r).model, (cfg.data.block_size,), len(vocab))
         model.load_state_dict(state["model"])
         models.append(model.to(device or "cpu").eval())
         steps.append(state["step"])

@@ -27,7 +27,10 @@ A fetch turns the peers' stored logits into one teacher per sample by `codistill
   only its logits are read, so the work of a fetch does not grow with R. A sample that peer does
   not hold (or holds older than `max_staleness`) is a miss: it is not filled in from another
   peer, which would mean reading every peer's steps for the chunk.
-The age of a sample's teacher is the mean (rounded down) of the ages of the peers that made it.
+The age of a sample's teacher is the mean (rounded down) of the ages of the peers that made it;
+each peer's own ages are also summed per pair (`Counters.peer_age`): replicas of different sizes
+run at different speeds, and a fast replica's teachers from a slow peer are younger, in the
+peer's steps, than the slow one's from the fast.
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ class TeacherStore:
             total = peer_logits if total is None else total + peer_logits
             count += valid
             age_sum += np.where(valid, age, 0)
+            self.counters[replica].add_peer_ages(peer, int(age[valid].sum()), int(valid.sum()))
         mask = count > 0
         if total is not None:
             total /= np.maximum(count, 1).reshape(-1, *[1] * (total.ndim - 1))

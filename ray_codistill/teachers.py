@@ -144,7 +144,8 @@ class LogitsTeacher:
 
 
 class WeightsTeacher:
-    """Local eval-mode copies of the peers' latest published weights, run on our own batch.
+    """Local eval-mode copies of the peers' latest published weights, run on our own batch;
+    `model_fn(peer)` builds a peer's own architecture (replicas may differ: `replica_overrides`).
 
     Every `every` steps we ask the broker for the peers' newest state dicts and load them as soon
     as the answer arrives (never waiting for it); until then the older teacher serves.
@@ -165,7 +166,7 @@ class WeightsTeacher:
         self.lead: dict[int, int] = {}
         self.pending = None
         self.step = 0  # our newest step: peers' teacher ages are counted from it (`Broker.get_weights`)
-        self.tally = {"hits": 0, "misses": 0, "ages": [], "bytes": 0}
+        self.tally = self._new_tally()
 
     def _load(self, answer: dict, my_step: int) -> None:
         for peer, (step, peer_latest, ref) in answer.items():
@@ -176,7 +177,7 @@ class WeightsTeacher:
                 state = ray.get(ref[0], timeout=max(self.client.timeout_s, 10.0))
             except Exception:  # the owner of the object died: keep the teacher we have
                 continue
-            model = self.peers[peer][0] if peer in self.peers else self.model_fn().to(self.device).eval()
+            model = self.peers[peer][0] if peer in self.peers else self.model_fn(peer).to(self.device).eval()
             model.load_state_dict(state)
             model.requires_grad_(False)
             self.peers[peer] = (model, step)
@@ -201,6 +202,9 @@ class WeightsTeacher:
         ages = [max(0, step + self.lead.get(p, 0) - self.peers[p][1]) for p in peers]
         self.tally["hits"] += x.shape[0]
         self.tally["ages"].append(int(np.mean(ages)))
+        for p, a in zip(peers, ages):
+            acc = self.tally["peer_ages"].setdefault(p, [0, 0])
+            acc[0], acc[1] = acc[0] + a, acc[1] + 1
         with torch.no_grad():
             outputs = [self.peers[p][0](x) for p in peers]
             if self.rule == "mean_probs":
@@ -213,8 +217,13 @@ class WeightsTeacher:
         our step."""
         t = self.tally
         if t["hits"] or t["misses"] or t["bytes"]:
-            self.client.record_teacher(self.step, t["hits"], t["misses"], np.asarray(t["ages"], np.int64), t["bytes"])
-        self.tally = {"hits": 0, "misses": 0, "ages": [], "bytes": 0}
+            self.client.record_teacher(self.step, t["hits"], t["misses"], np.asarray(t["ages"], np.int64), t["bytes"],
+                                       t["peer_ages"])
+        self.tally = self._new_tally()
+
+    @staticmethod
+    def _new_tally() -> dict:
+        return {"hits": 0, "misses": 0, "ages": [], "bytes": 0, "peer_ages": {}}
 
     def publish_weights(self, step: int, model: torch.nn.Module) -> None:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -135,9 +135,11 @@ def test_weights_teacher_rules():
     """Weights mode: the mean of the loaded peers' logits, or of their softmaxes at the
     temperature, or one peer per step (drawn as the broker draws) whose forward pass alone runs."""
     x = torch.zeros(5, 2)
-    logits, mask, ages = _weights_teacher("mean_logits").teacher(x, 50, CPU, None)
+    exchange = _weights_teacher("mean_logits")
+    logits, mask, ages = exchange.teacher(x, 50, CPU, None)
     assert mask is None and torch.allclose(logits, torch.tensor([1.0, 2.0, 4.0]).div(3).expand(5, 3))
     assert ages.tolist() == [10, 20, 40]  # in each peer's own steps
+    assert exchange.tally["peer_ages"] == {0: [10, 1], 2: [20, 1], 3: [40, 1]}  # per pair, one per step taught
     probs, _, _ = _weights_teacher("mean_probs").teacher(x, 50, CPU, None)
     expected = torch.stack([torch.softmax(torch.tensor(z) / 2.0, 0) for z in
                             ([1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 4.0])]).mean(0)

@@ -61,6 +61,8 @@ def test_three_replicas_mean_rules_average_the_peers_that_have_the_sample(rule):
         np.testing.assert_allclose(teacher[:7].astype(np.float64).sum(1), 1.0, atol=5e-3)
     c = store.counters[0]
     assert (c.hits, c.misses, c.age_max, sorted(c.ages().tolist())) == (7, 1, 5, [0, 2, 2, 2, 5, 5, 5])
+    # per pair: peer 1 taught 7 samples aged 5 x 6 and 0; peer 2 taught 3 aged 0
+    assert c.peer_age == {1: [30, 7], 2: [0, 3]} and c.as_dict()["age_by_peer"] == {"1": 30 / 7, "2": 0.0}
     # max_staleness drops the old peer's copy: samples 0-5 keep only what is fresh enough
     fresh = TeacherStore(3, N, C, teacher_rule=rule, max_staleness=4)
     for r, step, idx, z in ((1, 10, np.arange(6), z1[:6]), (1, 15, np.array([6]), z1[6:]), (2, 3, np.arange(3), z2)):
@@ -171,6 +173,7 @@ def test_counter_reports_carry_the_totals_and_only_what_is_new():
     assert (first["fetches"], first["hits"]) == (2, 6) and first["ages"].tolist() == [1, 2, 3]
     c.fetches += 1
     c.add_ages(np.array([9]))
+    c.add_peer_ages(1, 9, 1)
     c.reject("token")
     second = c.take_report()
     assert second["ages"].tolist() == [9] and second["serve"].size == 0 and second["rejected"] == {"token": 1}
@@ -179,6 +182,8 @@ def test_counter_reports_carry_the_totals_and_only_what_is_new():
     mirror.absorb(second)
     mirror.absorb(first, totals=False)  # overtaken by the second on its way
     assert (mirror.fetches, mirror.hits, mirror.rejected, mirror.age_max) == (3, 6, {"token": 1}, 9)
+    assert mirror.peer_age == {1: [9, 1]} and Counters.from_totals(mirror.totals()).peer_age == {1: [9, 1]}
+    assert Counters.merged([mirror, mirror]).peer_age == {1: [18, 2]}
     assert sorted(mirror.ages().tolist()) == [1, 2, 3, 9] and mirror.serve_times().tolist() == [0.25]
     c.add_ages(np.arange(AGE_WINDOW + 5))  # more than a window between two reports: the newest window
     ages = c.take_report()["ages"]
