@@ -19,6 +19,7 @@ from ray_codistill.report import comparison_table, load_summaries
 from conftest import CONFIGS, ROOT
 
 PAIR = "replica_overrides=[{model.hidden: 64}, {model.hidden: 8, optim.lr: 0.005}]"
+SHORT = ("steps=120", "eval_every=60")  # runs on Ray: long enough for teachers after the 20-step burn-in
 
 
 def smoke(*overrides: str, **fields):
@@ -111,8 +112,8 @@ def test_tunes_table_gives_each_architecture_of_a_mixed_group_its_row(tmp_path):
 
 @pytest.mark.parametrize("exchange", ["logits", "weights"])
 def test_a_mixed_pair_codistills_in_each_exchange_mode(ray_cluster, tmp_path, exchange):
-    cfg = smoke(PAIR, f"codistill.exchange={exchange}", "codistill.exchange_every=10", storage_path=str(tmp_path),
-                name=f"mixed-{exchange}")
+    cfg = smoke(PAIR, f"codistill.exchange={exchange}", "codistill.exchange_every=10", *SHORT,
+                storage_path=str(tmp_path), name=f"mixed-{exchange}")
     summary = launcher.run(cfg).summary
     reps = {r["replica"]: r for r in summary["replicas"]}
     assert reps[0]["model"] == "mlp(hidden=64)" and reps[1]["model"] == "mlp(hidden=8)"
@@ -127,7 +128,7 @@ def test_a_mixed_pair_codistills_in_each_exchange_mode(ray_cluster, tmp_path, ex
 def test_one_way_leaves_the_teachers_loss_plain_cross_entropy(ray_cluster, tmp_path):
     """Replica 0 at alpha 0 learns from labels alone (its distillation term is 0 at every row)
     while it teaches replica 1."""
-    cfg = smoke("replica_overrides=[{codistill.alpha: 0.0}, {model.hidden: 8}]", storage_path=str(tmp_path),
+    cfg = smoke("replica_overrides=[{codistill.alpha: 0.0}, {model.hidden: 8}]", *SHORT, storage_path=str(tmp_path),
                 name="one-way")
     result = launcher.run(cfg)
     rows = pd.read_parquet(result.path / "metrics.parquet")
@@ -138,9 +139,9 @@ def test_one_way_leaves_the_teachers_loss_plain_cross_entropy(ray_cluster, tmp_p
 
 
 def test_offline_distillation_reads_its_teacher_from_a_result_folder(ray_cluster, tmp_path):
-    teacher = launcher.run(smoke("method=independent", "replicas=1", "model.hidden=64", storage_path=str(tmp_path),
-                                 name="teacher"))
-    cfg = smoke("method=distill", "replicas=1", "model.hidden=8", f"codistill.teacher_from={teacher.path}",
+    teacher = launcher.run(smoke("method=independent", "replicas=1", "model.hidden=64", *SHORT,
+                                 storage_path=str(tmp_path), name="teacher"))
+    cfg = smoke("method=distill", "replicas=1", "model.hidden=8", f"codistill.teacher_from={teacher.path}", *SHORT,
                 storage_path=str(tmp_path), name="student")
     summary = launcher.run(cfg).summary
     assert summary["method"] == "distill" and summary["replicas"][0]["model"] == "mlp(hidden=8)"

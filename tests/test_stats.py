@@ -17,9 +17,10 @@ from live import ENDLESS, LiveRun, cli, stats_json, wait_for
 STATS_KEYS = {"schema", "experiment", "method", "status", "uptime_s", "num_replicas", "replicas",
               "divergence", "probe_rounds", "rejected_unknown_replica", "events", "broker_shards", "broker_node",
               "broker_niceness"}
-REPLICA_KEYS = {"step", "train_loss", "val_acc", "samples_per_s", "publications", "fetches", "hits", "misses",
-                "hit_rate", "age_p50", "age_p95", "age_max", "serve_ms_p50", "serve_ms_p99", "bytes_in", "bytes_out",
-                "rejected", "probe_acc", "workers", "restarts"}
+REPLICA_KEYS = {"model", "params", "step", "train_loss", "val_acc", "val_loss", "samples_per_s", "publications",
+                "fetches", "hits", "misses", "hit_rate", "age_p50", "age_p95", "age_max", "age_by_peer",
+                "serve_ms_p50", "serve_ms_p99", "bytes_in", "bytes_out", "rejected", "probe_acc", "probe_loss",
+                "workers", "restarts"}
 
 
 def test_stats_while_training(ray_cluster, tmp_path):
@@ -50,6 +51,7 @@ def test_stats_while_training(ray_cluster, tmp_path):
     assert first["method"] == "codistill" and first["status"] == "running" and first["num_replicas"] == 2
     for r in ("0", "1"):
         assert set(first["replicas"][r]) == REPLICA_KEYS
+        assert first["replicas"][r]["model"] == "mlp(hidden=32)" and first["replicas"][r]["params"] > 0
         worker, = second["replicas"][r]["workers"].values()
         assert worker["pid"] > 0 and worker["node_id"]
     assert {"disagreement", "sym_kl", "l2"} <= set(second["divergence"]["pairs"][0])
