@@ -140,11 +140,7 @@ def codistill_loss(
     if mask is None:
         student, teacher, student_log_p = logits, teacher_logits, log_p
     else:
-        if mask.dtype != torch.bool or mask.shape != (batch,):
-            raise ValueError(
-                f"mask must be a bool tensor of shape ({batch},), "
-                f"got {mask.dtype} {tuple(mask.shape)}"
-            )
+        _check_mask(mask, batch)
         # Index rather than multiply by the mask: a NaN teacher row times 0 is still NaN, and it
         # would poison both the loss and the gradient.
         mask = mask.to(logits.device)
@@ -160,8 +156,7 @@ def _per_token(logits: Tensor, targets: Tensor, teacher: Tensor | None, mask: Te
     """[B, T, V] outputs as B x T rows of [V], and a per-sample mask as one per token."""
     batch, tokens = logits.shape[:2]
     if mask is not None:
-        if mask.dtype != torch.bool or mask.shape != (batch,):
-            raise ValueError(f"mask must be a bool tensor of shape ({batch},), got {mask.dtype} {tuple(mask.shape)}")
+        _check_mask(mask, batch)
         mask = mask.repeat_interleave(tokens)
     if teacher is not None:
         if teacher.shape != logits.shape:
@@ -169,3 +164,8 @@ def _per_token(logits: Tensor, targets: Tensor, teacher: Tensor | None, mask: Te
                              f"{tuple(logits.shape)} vs {tuple(teacher.shape)}")
         teacher = teacher.flatten(0, 1)
     return logits.flatten(0, 1), targets.flatten(), teacher, mask
+
+
+def _check_mask(mask: Tensor, batch: int) -> None:
+    if mask.dtype != torch.bool or mask.shape != (batch,):
+        raise ValueError(f"mask must be a bool tensor of shape ({batch},), got {mask.dtype} {tuple(mask.shape)}")
