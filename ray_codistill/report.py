@@ -190,13 +190,9 @@ def _method_rank(group: str) -> tuple[int, str]:
 
 
 def pct_mean_std(values: pd.Series) -> str:
-    v = values.dropna().astype(float) * 100.0
-    if v.empty:
-        return DASH
-    if len(v) == 1:
-        return f"{v.iloc[0]:.1f}"
-    # Sample std (ddof=1): the seeds are a sample of the seeds one could have run.
-    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
+    """Fractions as percent, mean ± sample std over seeds (the sample std: the seeds are a sample of
+    the seeds one could have run); one seed shows the value alone."""
+    return num_mean_std(values, digits=1, scale=100.0)
 
 
 def num_mean_std(values: pd.Series, digits: int = 3, scale: float = 1.0) -> str:
