@@ -69,7 +69,7 @@ def start_ray(num_cpus: int | None = None) -> None:
     the machine stay alone). No log forwarding. The dashboard serves the State API that Ray Train's
     placement-group cleaner asks about its controller, and that broker_calls.py reads; without it,
     beside another Ray serving one on port 8265, the cleaner asks that other Ray, hears of no such
-    controller and ends the run (README, "Notes")."""
+    controller and ends the run (docs/ray-notes.md)."""
     import ray
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, configure_logging=False,

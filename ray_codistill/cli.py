@@ -47,14 +47,14 @@ def parser() -> argparse.ArgumentParser:
                    help="at most N trials at once (default: as many as the cluster's CPUs hold)")
     p.add_argument("--replicas", type=int, nargs="+", metavar="R",
                    help="search once per R (e.g. 2 3 4 8), then a table and a plot against R "
-                        "(tuning/spaces/replicas.yaml; README, \"More than two replicas\")")
+                        "(tuning/spaces/replicas.yaml; docs/tune.md, \"Searches against R\")")
     p.add_argument("--cpus", type=float, default=2.0,
                    help="with --replicas: CPUs one experiment uses at any R (cpus / R per worker; default 2)")
 
     p = sub.add_parser("stats", help="live divergence and exchange statistics of a running experiment")
     p.add_argument("name", help="experiment name")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)")
-    p.add_argument("--json", action="store_true", help="print JSON (schema in README.md)")
+    p.add_argument("--json", action="store_true", help="print JSON (schema in docs/watching.md)")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until the run ends")
 
     p = sub.add_parser("stop", help="end a running experiment early: replicas stop at their next metric row "

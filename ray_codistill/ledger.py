@@ -272,7 +272,7 @@ class Ledger:
         return self.rounds.history if self.rounds is not None else []
 
     def stats(self) -> dict:
-        """Everything a user watches, JSON-ready (the schema: docs, "Watching a run")."""
+        """Everything a user watches, JSON-ready (the schema: docs/watching.md)."""
         latest = self.rounds.latest if self.rounds else None
         replicas = {}
         for r in range(self.num_replicas):

