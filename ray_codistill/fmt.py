@@ -7,7 +7,8 @@ benchmark's output and in the docs that quote them:
 - `duration`: whole seconds as "m:ss", "h:mm:ss" from an hour on: "0:30", "12:05", "1:02:03";
 - `markdown_table`: a GitHub markdown table of rows, each column left- or right-aligned (figures
   right, as a reader scans them); `to_markdown` is a DataFrame's, numeric columns right-aligned.
-A value that is missing (None, NaN) reads `DASH`, as a table's "not applicable" does.
+A value that is missing (None, NaN) reads `DASH`, as a table's "not applicable" does. Methods
+appear in one order in every table and plot legend (`method_rank`).
 
 Pure functions of the standard library: importing this costs nothing (pandas only reaches it in
 the DataFrame a caller passes).
@@ -20,6 +21,16 @@ from collections.abc import Iterable, Sequence
 
 DASH = "–"  # en dash: "missing" or "not applicable", e.g. the ensemble of a single model
 BYTE_UNITS = ("kB", "MB", "GB", "TB", "PB")
+METHOD_ORDER = ("codistill", "independent", "allreduce", "distill")
+
+
+def method_rank(group: str) -> tuple[int, str]:
+    """Sort key of a method, or of a group named after one ("codistill mlp(hidden=8)"): the known
+    methods in a fixed order, so that tables from different runs line up; others after, by name."""
+    method = group.split(" ", 1)[0]
+    if method in METHOD_ORDER:
+        return (METHOD_ORDER.index(method), group)
+    return (len(METHOD_ORDER), group)
 
 
 def _missing(x) -> bool:

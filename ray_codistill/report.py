@@ -4,10 +4,8 @@ An experiment folder, as the launcher writes it, holds `summary.json` (final acc
 bytes exchanged, config, versions, git revision) and `metrics.parquet` (a tidy per-step table:
 experiment, method, replica, seed, step, then one column per metric, NaN where not measured).
 This module finds such folders, loads them into pandas, aggregates over seeds (mean ± sample std,
-the airbench discipline) and draws learning curves. It reads results only; it never starts Ray.
-
-matplotlib is imported inside `plot_curves` so that importing this module (and starting the CLI)
-stays fast and free of side effects.
+the airbench discipline) and draws learning curves (plots.py). It reads results only; it never
+starts Ray.
 """
 
 from __future__ import annotations
@@ -20,11 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 from ray_codistill.errors import ReportError
-from ray_codistill.fmt import DASH, human_bytes, to_markdown
+from ray_codistill.fmt import DASH, human_bytes, method_rank, to_markdown
+from ray_codistill.plots import DIVERGENCE_CURVES, plot_curves
 from ray_codistill.results import write_atomic
 from ray_codistill.tasks import task_of
 
-METHOD_ORDER = ("codistill", "independent", "allreduce", "distill")
 SUMMARY = "summary.json"
 METRICS = "metrics.parquet"
 DIVERGENCE = "divergence.parquet"
@@ -154,16 +152,22 @@ def _summary_row(d, s: dict, replicas: list[dict], architecture: str | None) -> 
 def load_metrics(dirs: Iterable[str | Path]) -> pd.DataFrame:
     """All `metrics.parquet` tables stacked; folders without one are skipped.
 
-    Metric columns missing from some experiments come out as NaN, as in each tidy table.
+    Metric columns missing from some experiments come out as NaN, as in each tidy table. `model`
+    names each replica's model (from `summary.json`; missing before the run has finished), so that
+    plots keep a large and a small model apart.
     """
-    frames = [
-        pd.read_parquet(Path(d) / METRICS, engine="pyarrow")
-        for d in dirs
-        if (Path(d) / METRICS).is_file()
-    ]
+    frames = [_with_models(Path(d), pd.read_parquet(Path(d) / METRICS, engine="pyarrow"))
+              for d in dirs if (Path(d) / METRICS).is_file()]
     if not frames:
         return pd.DataFrame(columns=list(META_COLUMNS))
     return pd.concat(frames, ignore_index=True, sort=False)
+
+
+def _with_models(d: Path, metrics: pd.DataFrame) -> pd.DataFrame:
+    if not (d / SUMMARY).is_file():
+        return metrics
+    models = {r.get("replica", i): r.get("model") for i, r in enumerate(_read_summary(d).get("replicas") or [])}
+    return metrics.assign(model=metrics["replica"].map(models)) if models else metrics
 
 
 def load_divergence(dirs: Iterable[str | Path]) -> pd.DataFrame:
@@ -178,15 +182,6 @@ def load_divergence(dirs: Iterable[str | Path]) -> pd.DataFrame:
 
 
 # --- the comparison table ----------------------------------------------------------------------
-
-
-def _method_rank(group: str) -> tuple[int, str]:
-    # Known methods in a fixed order so tables from different runs line up; others after, by name.
-    # A group may name a model after its method ("codistill mlp(hidden=8)"): the method ranks it.
-    method = group.split(" ", 1)[0]
-    if method in METHOD_ORDER:
-        return (METHOD_ORDER.index(method), group)
-    return (len(METHOD_ORDER), group)
 
 
 def pct_mean_std(values: pd.Series) -> str:
@@ -248,7 +243,7 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
                                             for k, m in zip(summaries[key], summaries["model"])])
         key = "group"
     rows = []
-    for method in sorted(summaries[key].unique(), key=_method_rank):
+    for method in sorted(summaries[key].unique(), key=method_rank):
         g = summaries[summaries[key] == method]
         single_model = (g["num_models"] == 1).all()
         wall = g["wall_time_s"].astype(float).mean()
@@ -258,77 +253,6 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
                      "bytes exchanged": human_bytes(g["bytes_exchanged"].astype(float).mean()),
                      "all-reduce bytes": human_bytes(g["allreduce_bytes"].astype(float).mean())})
     return pd.DataFrame(rows, columns=columns)
-
-
-# --- plots -------------------------------------------------------------------------------------
-
-
-def _plot_metric(metrics: pd.DataFrame, column: str, ylabel: str, path: Path, log_y: bool) -> None:
-    data = metrics.loc[metrics[column].notna(), :]
-    # The object-oriented API with an Agg canvas: no pyplot, so no global backend switch and no
-    # figure left open in the caller's process (a notebook keeps its own backend).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    methods = sorted(data["method"].astype(str).unique(), key=_method_rank)
-    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
-    # One line per (experiment, replica); experiment is unique per (method, seed) in a comparison,
-    # and keeps two configs of the same method and seed from being joined into one zigzag line.
-    keys = [k for k in ("experiment", "seed", "replica") if k in data.columns]
-    for method in methods:  # in table order, so the legend reads like the table
-        of_method = data[data["method"].astype(str) == method]
-        groups = of_method.groupby(keys, sort=True, dropna=False) if keys else [(None, of_method)]
-        for i, (_, g) in enumerate(groups):
-            g = g.sort_values("step")
-            ax.plot(
-                g["step"],
-                g[column],
-                color=colors[method],
-                alpha=0.8,
-                linewidth=1.2,
-                label=method if i == 0 else None,  # one legend entry per method
-            )
-    if log_y and (data[column] > 0).all():
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend(title="method")
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-
-
-CURVES = [
-    ("val/acc", "validation accuracy (per token for text)", "val_acc.png", False),
-    ("val/bpc", "validation loss (bits per character)", "val_bpc.png", False),  # language models
-    ("train/loss", "train loss (nats per sample; per token for text)", "train_loss.png", True),
-]
-DIVERGENCE_CURVES = [
-    ("disagreement", "top-1 disagreement on the probe set", "disagreement.png", False),
-    ("sym_kl", "symmetric KL on the probe set", "symmetric_kl.png", True),
-]
-
-
-def plot_curves(metrics: pd.DataFrame, out_dir: str | Path, specs=CURVES) -> list[Path]:
-    """Write `val_acc.png` and `train_loss.png` (or the plots `specs` name) into `out_dir`.
-
-    One line per replica (or pair of replicas) of each experiment, one colour per method. A plot
-    whose metric is missing or all NaN is skipped. Returns the paths written.
-    """
-    out_dir = Path(out_dir)
-    written: list[Path] = []
-    if metrics.empty or "step" not in metrics.columns:
-        return written
-    for column, ylabel, name, log_y in specs:
-        if column not in metrics.columns or metrics[column].isna().all():
-            continue
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / name
-        _plot_metric(metrics, column, ylabel, path, log_y)
-        written.append(path)
-    return written
 
 
 # --- all together ------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from ray_codistill.console import say
 from ray_codistill.fmt import DASH, to_markdown
 from ray_codistill.results import write_atomic, write_parquet, write_text
 from ray_codistill.placement import cluster_nodes, concurrent_experiments
+from ray_codistill.plots import plot_curves
 from ray_codistill.tasks import CLASSIFY, Task, task_of
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
@@ -364,5 +365,5 @@ def write_report(folder: Path, results: pd.DataFrame, task: Task = CLASSIFY) -> 
             written.append(path)
     final_dirs = [Path(p) for p in results.loc[results["phase"] == "final", "path"].dropna()]
     if final_dirs:
-        written += report.plot_curves(report.load_metrics(final_dirs), folder)
+        written += plot_curves(report.load_metrics(final_dirs), folder)
     return table, written

@@ -10,6 +10,20 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
+# the fixtures that start Ray: the session's local Ray (below), a `ray start --head` of its own
+# (test_cluster.py) and the emulated cluster (test_emulated.py)
+RAY_FIXTURES = {"ray_cluster", "head", "cluster"}
+
+
+def pytest_collection_modifyitems(items):
+    """The fast tier (`make test-fast`, `-m "not ray"`) is every test that needs no Ray cluster: a
+    test that uses a fixture that starts Ray gets the `ray` marker here; one that starts Ray another
+    way (a CLI in a subprocess) carries `@pytest.mark.ray` itself."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

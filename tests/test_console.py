@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import CONFIGS, ROOT
 from ray_codistill.console import num, progress_line
 
@@ -31,6 +33,7 @@ def test_numbers_keep_their_significant_digits():
     assert line == "r0 step 300/600 ETA 0:30 loss 0.00032 val 84.8% hits 97% age 36 | r1 starting"
 
 
+@pytest.mark.ray  # the CLI in a subprocess starts its own local Ray
 def test_compare_shows_its_own_lines_and_ends_with_the_table(tmp_path):
     code, out = _cli("compare", str(CONFIGS / "smoke.yaml"), "--methods", "codistill", "allreduce",
                      "--storage", str(tmp_path), *TINY)
@@ -45,6 +48,7 @@ def test_compare_shows_its_own_lines_and_ends_with_the_table(tmp_path):
     assert all((tmp_path / "smoke" / p.rsplit("/", 1)[1]).is_file() for p in plots)
 
 
+@pytest.mark.ray  # the CLI in a subprocess starts its own local Ray
 def test_verbose_brings_ray_trains_lines_back(tmp_path):
     code, out = _cli("run", str(CONFIGS / "smoke.yaml"), "--verbose", "--storage", str(tmp_path), *TINY)
     assert code == 0, out
@@ -52,6 +56,7 @@ def test_verbose_brings_ray_trains_lines_back(tmp_path):
     assert "Attempting to start training worker group" in out
 
 
+@pytest.mark.ray  # the CLI in a subprocess starts its own local Ray
 def test_a_worker_that_raises_shows_the_error_and_traceback_without_verbose(tmp_path):
     # a learning rate that passes validation but blows the weights up: the workers raise
     # NonFiniteError at their first publication (replica.py) and the run fails

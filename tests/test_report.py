@@ -199,6 +199,31 @@ def test_plot_curves_writes_pngs(results, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_band_is_the_mean_min_and_max_over_a_methods_runs(results):
+    from ray_codistill.plots import band
+    m = load_metrics(find_experiments([results]))
+    runs, summary = band(m[m["method"] == "codistill"], "train/loss")
+    assert runs.shape == (10, 4)  # 2 seeds x 2 replicas, 10 logged steps
+    # train/loss is 2 / (1 + step) + 0.01 * replica: replicas 0 and 1 of both seeds
+    at = 50
+    assert summary.loc[at, "mean"] == pytest.approx(2 / (1 + at) + 0.005)
+    assert summary.loc[at, "min"] == pytest.approx(2 / (1 + at))
+    assert summary.loc[at, "max"] == pytest.approx(2 / (1 + at) + 0.01)
+    # a run that stopped early: its late steps average the runs that have them
+    cut = m[(m["method"] == "allreduce") & ~((m["experiment"] == "ar-s1") & (m["step"] > 40))]
+    runs, summary = band(cut, "train/loss")
+    assert runs.shape[1] == 2 and summary.loc[90, "mean"] == pytest.approx(2 / 91)
+
+
+def test_a_large_and_a_small_model_get_a_line_each():
+    from ray_codistill.plots import labels
+    mixed = pd.DataFrame({"method": ["codistill", "codistill", "independent"],
+                          "model": ["cnn(channels=25)", "cnn(channels=6)", "cnn(channels=6)"]})
+    assert list(labels(mixed)) == ["codistill cnn(channels=25)", "codistill cnn(channels=6)",
+                                   "independent cnn(channels=6)"]
+    assert list(labels(mixed.assign(model="mlp"))) == ["codistill", "codistill", "independent"]
+
+
 def test_plot_curves_skips_missing_or_empty_metric(results, tmp_path):
     metrics = load_metrics(find_experiments([results]))
     metrics["val/acc"] = math.nan

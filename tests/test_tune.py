@@ -112,6 +112,7 @@ def test_best_keeps_exact_values():
     assert _best(rows.iloc[1:], Group("logits", "codistill")) == {"codistill.max_staleness": 20}
 
 
+@pytest.mark.ray  # a script in a subprocess starts a Ray without the dashboard
 def test_asha_refuses_a_cluster_without_the_state_api(tmp_path):
     """Without the dashboard, trials that ASHA stops would keep their CPUs reserved (Ray Train frees
     them through the State API) and later trials would wait forever: refused before anything starts.
