@@ -20,7 +20,6 @@ import pandas as pd
 from ray_codistill.errors import ReportError
 from ray_codistill.fmt import DASH, human_bytes, method_rank, to_markdown
 from ray_codistill.plots import DIVERGENCE_CURVES, plot_curves
-from ray_codistill.results import write_atomic
 from ray_codistill.tasks import task_of
 
 SUMMARY = "summary.json"
