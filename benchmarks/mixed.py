@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{clock}] seed {seed}: {name} done in {result.summary['wall_time_s']:.0f} s", flush=True)
     runs = pd.DataFrame(rows)
     summaries = report.load_summaries(list(runs["folder"]))
-    # one row per path and architecture: the path names the group, the model names the row
-    summaries["group"] = [f"{p} {m}" for p, m in zip(_paths_of(runs, summaries), summaries["model"])]
+    # one row per path and architecture: the path is the row's method, the model its own column
+    summaries["group"] = _paths_of(runs, summaries)
     print(f"\ntest figures per path and architecture, mean ± std over seeds {args.seeds}; {load_average()}\n")
     print(report.to_markdown(report.comparison_table(summaries)))
     walls = runs.groupby("path", sort=False)["wall"].agg(["median", "count"])

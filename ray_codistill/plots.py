@@ -38,9 +38,9 @@ DIVERGENCE_CURVES = [
 ]
 
 
-def labels(data: pd.DataFrame) -> pd.Series:
-    """Each row's line label: its method, and its model when the rows hold more than one."""
-    label = data["method"].astype(str)
+def labels(data: pd.DataFrame, key: str = "method") -> pd.Series:
+    """Each row's line label: its method (or `key`), and its model when the rows hold more than one."""
+    label = data[key].astype(str)
     if "model" in data.columns and data["model"].dropna().nunique() > 1:
         label = label + " " + data["model"].astype(str)
     return label

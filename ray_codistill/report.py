@@ -93,8 +93,7 @@ def load_summaries(dirs: Iterable[str | Path]) -> pd.DataFrame:
 
     An experiment whose replicas are of different architectures (`replica_overrides`) gives one
     row per architecture: its figures are that architecture's replicas' (never a mean over a large
-    and a small model), the ensemble and exchange figures the whole run's, and its group is
-    `<method> <model>`.
+    and a small model), the ensemble and exchange figures the whole run's; `model` tells them apart.
     """
     rows = []
     for d in dirs:
@@ -137,7 +136,7 @@ def _summary_row(d, s: dict, replicas: list[dict], architecture: str | None) -> 
         "broker_peak_rss_bytes": _float_or_nan((s.get("broker_memory") or {}).get("peak_rss_bytes")),
         "broker_teacher_bytes": _float_or_nan((s.get("broker_memory") or {}).get("teacher_bytes")),
         "broker_niceness": _float_or_nan(s.get("broker_niceness")),
-        "group": f"{s['method']} {architecture}" if architecture else s["method"],
+        "group": s["method"],
         "task": task_of(s["config"]).name if "config" in s else "classify",
         "val_acc": _mean_or_nan([r.get("val_acc") for r in replicas]),
         "val_loss": _mean_or_nan([r.get("val_loss") for r in replicas]),
@@ -198,21 +197,51 @@ def num_mean_std(values: pd.Series, digits: int = 3, scale: float = 1.0) -> str:
     return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
 
 
-def _accuracy_cells(g: pd.DataFrame, single_model: bool) -> dict:
-    return {"test acc": pct_mean_std(g["test_acc"]),
-            "ensemble acc": DASH if single_model else pct_mean_std(g["ensemble_test_acc"]),
-            "churn": DASH if single_model else pct_mean_std(g.get("churn", pd.Series(dtype=float)))}
+# Every figure a table of test results can show, by column name, from rows of `load_summaries`
+# (or Tune's re-run rows, which carry the same columns): mean ± sample std over the rows (seeds).
+# `single` is True for rows of one model (all-reduce), whose ensemble and divergence are "–".
+CELLS = {
+    "val acc": lambda g, single: pct_mean_std(g["val_acc"]),
+    "test acc": lambda g, single: pct_mean_std(g["test_acc"]),
+    "ensemble acc": lambda g, single: DASH if single else pct_mean_std(g["ensemble_test_acc"]),
+    "churn": lambda g, single: DASH if single else pct_mean_std(g.get("churn", pd.Series(dtype=float))),
+    "val loss": lambda g, single: num_mean_std(g["val_loss"]),
+    "test loss": lambda g, single: num_mean_std(g["test_loss"]),
+    "test bits/char": lambda g, single: num_mean_std(g["test_loss"], scale=1 / math.log(2)),
+    "ensemble loss": lambda g, single: DASH if single else num_mean_std(g["ensemble_test_loss"]),
+    "disagreement": lambda g, single: DASH if single else pct_mean_std(g["disagreement"]),
+}
+ACCURACY_FIGURES = ["test acc", "ensemble acc", "churn"]
+LOSS_FIGURES = ["val loss", "test loss", "test bits/char", "ensemble loss", "disagreement"]
 
 
-def _loss_cells(g: pd.DataFrame, single_model: bool) -> dict:
-    return {"val loss": num_mean_std(g["val_loss"]), "test loss": num_mean_std(g["test_loss"]),
-            "test bits/char": num_mean_std(g["test_loss"], scale=1 / math.log(2)),
-            "ensemble loss": DASH if single_model else num_mean_std(g["ensemble_test_loss"]),
-            "disagreement": DASH if single_model else pct_mean_std(g["disagreement"])}
+def cells(g: pd.DataFrame, single: bool, names: Sequence[str]) -> dict:
+    """The named cells (`CELLS`) of one table row aggregated over the rows `g`."""
+    return {name: CELLS[name](g, single) for name in names}
 
 
-def _count(n) -> str:
+def count(n) -> str:
+    """A parameter count with thousands separators; "–" when unknown."""
     return DASH if n is None or (isinstance(n, float) and math.isnan(n)) else f"{int(n):,}"
+
+
+def several_models(rows: pd.DataFrame) -> bool:
+    """True when the rows hold more than one model: tables then give each its own row."""
+    return "model" in rows.columns and rows["model"].dropna().nunique() > 1
+
+
+def row_groups(rows: pd.DataFrame, key: str = "group"):
+    """(label, model, rows) per table row: per `key` in method order, and per model within it,
+    the largest first, when the rows hold more than one model (model None otherwise)."""
+    if not several_models(rows):
+        for label in sorted(rows[key].unique(), key=method_rank):
+            yield label, None, rows[rows[key] == label]
+        return
+    firsts = rows.drop_duplicates([key, "model"])
+    order = sorted(zip(firsts[key], firsts["model"], firsts["params"].astype(float)),
+                   key=lambda t: (method_rank(t[0]), -t[2] if not math.isnan(t[2]) else 0.0))
+    for label, model, _ in order:
+        yield label, model, rows[(rows[key] == label) & (rows["model"] == model)]
 
 
 def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
@@ -225,29 +254,21 @@ def comparison_table(summaries: pd.DataFrame) -> pd.DataFrame:
     Language models (every summary's task "lm") get, instead of test acc to churn: val loss and
     test loss (nats per token, mean ± std over seeds), test bits/char, ensemble loss and the probe
     set's top-1 disagreement per token at the end (percent).
+    Summaries of more than one model (a large and a small one) give a row per method and model,
+    with the columns model and params after method.
     """
     lm = not summaries.empty and "task" in summaries.columns and (summaries["task"] == "lm").all()
-    cells = _loss_cells if lm else _accuracy_cells
-    figures = (["val loss", "test loss", "test bits/char", "ensemble loss", "disagreement"] if lm
-               else ["test acc", "ensemble acc", "churn"])
-    # several architectures (a large and a small model): a row per method and model, with its size
-    sizes = "model" in summaries.columns and summaries["model"].nunique() > 1
-    columns = ["method", *(["params"] if sizes else []), "seeds", *figures, "wall time (s)", "bytes exchanged",
-               "all-reduce bytes"]
+    figures = LOSS_FIGURES if lm else ACCURACY_FIGURES
+    sizes = several_models(summaries)
+    columns = ["method", *(["model", "params"] if sizes else []), "seeds", *figures, "wall time (s)",
+               "bytes exchanged", "all-reduce bytes"]
     if summaries.empty:
         return pd.DataFrame(columns=columns)
-    key = "group" if "group" in summaries.columns else "method"
-    if sizes:
-        summaries = summaries.assign(group=[k if f" {m}" in k else f"{k} {m}"
-                                            for k, m in zip(summaries[key], summaries["model"])])
-        key = "group"
     rows = []
-    for method in sorted(summaries[key].unique(), key=method_rank):
-        g = summaries[summaries[key] == method]
-        single_model = (g["num_models"] == 1).all()
+    for label, model, g in row_groups(summaries, "group" if "group" in summaries.columns else "method"):
         wall = g["wall_time_s"].astype(float).mean()
-        rows.append({"method": method, **({"params": _count(g["params"].iloc[0])} if sizes else {}),
-                     "seeds": len(g), **cells(g, single_model),
+        rows.append({"method": label, **({"model": model, "params": count(g["params"].iloc[0])} if sizes else {}),
+                     "seeds": len(g), **cells(g, (g["num_models"] == 1).all(), figures),
                      "wall time (s)": DASH if math.isnan(wall) else f"{wall:.0f}",
                      "bytes exchanged": human_bytes(g["bytes_exchanged"].astype(float).mean()),
                      "all-reduce bytes": human_bytes(g["allreduce_bytes"].astype(float).mean())})

@@ -24,6 +24,7 @@ from ray_codistill.config import ExperimentConfig
 from ray_codistill.console import say
 from ray_codistill.errors import ConfigError
 from ray_codistill.fmt import DASH, human_bytes, to_markdown
+from ray_codistill.plots import labels
 from ray_codistill.results import write_atomic, write_parquet, write_text
 
 PLOT = "accuracy_vs_r.png"
@@ -65,13 +66,13 @@ def study(base: ExperimentConfig, space: tune.SearchSpace, rs: list[int], cpus: 
 
 
 def reruns(results: pd.DataFrame, r: int) -> pd.DataFrame:
-    """One row per finished re-run of a search: its group, chosen parameters and summary figures."""
+    """One row per finished re-run of a search (per architecture when its replicas differ): its
+    group, chosen parameters (`params`, JSON), model and parameter count (`model_params`), figures."""
     final = results[(results["phase"] == "final") & (results["status"] == "finished")]
-    summaries = report.load_summaries(final["path"])
-    summaries = summaries.drop(columns=["group"]).assign(
-        replicas=r, group=final["group"].to_numpy(), params=final["params"].to_numpy(),
-        val_acc=final["val_acc"].to_numpy())
-    return summaries
+    summaries = report.load_summaries(final["path"]).drop(columns=["group"]).rename(columns={"params": "model_params"})
+    # joined by the experiment's name, its folder's (a mixed run gives several summary rows)
+    chosen = final.assign(experiment=[Path(p).name for p in final["path"]])[["experiment", "group", "params"]]
+    return summaries.merge(chosen, on="experiment", how="left", validate="many_to_one").assign(replicas=r)
 
 
 def _chosen(params: str) -> str:
@@ -85,15 +86,13 @@ def scaling_table(rows: pd.DataFrame) -> pd.DataFrame:
     ensemble accuracy, or a language model's losses in nats per token)."""
     lm = (rows["task"] == "lm").all()
     out = []
-    for (r, group), g in rows.groupby(["replicas", "group"], sort=False):
+    models = report.several_models(rows)  # a large and a small model: a row per architecture
+    figures = [f"test {'loss' if lm else 'acc'}", f"ensemble {'loss' if lm else 'acc'}", "disagreement", "churn"]
+    for keys, g in rows.groupby(["replicas", "group", *(["model"] if models else [])], sort=False):
         single = (g["method"] == "allreduce").all()
-        figure, label = (report.num_mean_std, "loss") if lm else (report.pct_mean_std, "acc")
         out.append({
-            "R": r, "group": group, "chosen": _chosen(g["params"].iloc[0]), "seeds": len(g),
-            f"test {label}": figure(g[f"test_{label}"]),
-            f"ensemble {label}": DASH if single else figure(g[f"ensemble_test_{label}"]),
-            "disagreement": DASH if single else report.pct_mean_std(g["disagreement"]),
-            "churn": DASH if single else report.pct_mean_std(g["churn"]),
+            "R": keys[0], "group": keys[1], **({"model": keys[2]} if models else {}),
+            "chosen": _chosen(g["params"].iloc[0]), "seeds": len(g), **report.cells(g, single, figures),
             "wall time (s)": f"{g['wall_time_s'].median():.0f}",
             "fetch p50 / p99 (ms)": DASH if g["fetch_ms_p50"].isna().all() else
             f"{g['fetch_ms_p50'].median():.1f} / {g['fetch_ms_p99'].median():.1f}",
@@ -119,7 +118,8 @@ def plot_accuracy(rows: pd.DataFrame, path: Path) -> Path:
     short = "loss" if lm else "acc"
     for ax, column, title in ((axes[0], f"test_{short}", f"mean replica test {label}"),
                               (axes[1], f"ensemble_test_{short}", f"ensemble test {label}")):
-        for i, (group, g) in enumerate(rows.groupby("group", sort=False)):  # one colour per group in both
+        # one colour per group (and model, when they differ) in both
+        for i, (group, g) in enumerate(rows.groupby(labels(rows, "group"), sort=False)):
             stats = (g.groupby("replicas")[column].agg(["mean", "std"]) * scale).dropna(subset=["mean"])
             if not stats.empty:
                 ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
@@ -129,7 +129,7 @@ def plot_accuracy(rows: pd.DataFrame, path: Path) -> Path:
         ax.set_xlabel("replicas R")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("loss (nats/token)" if lm else "accuracy (%)")
-    axes[0].legend()
+    axes[0].set_ylabel("test loss (nats per token)" if lm else "test accuracy (%)")
+    axes[0].legend(title="mean ± std over seeds")
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return path

@@ -277,44 +277,36 @@ def _best(rows: pd.DataFrame, group: Group, task: Task = CLASSIFY) -> dict:
 # -- report --------------------------------------------------------------------------------------
 
 def final_table(results: pd.DataFrame, lm: bool = False) -> pd.DataFrame:
-    """Per group, the best configuration and its re-runs' test figures (mean ± std over seeds):
-    accuracies, or a language model's (`lm`) losses in nats per token and bits per character. A
+    """Per group, the best configuration and its re-runs' figures (mean ± std over seeds): val and
+    test accuracy, or a language model's (`lm`) losses in nats per token and bits per character. A
     group whose replicas differ (`replica_overrides`) gives a row per architecture, from the
-    re-runs' summaries, with its parameter count."""
+    re-runs' summaries, with the columns model and params."""
     final = results[(results["phase"] == "final") & (results["status"] == "finished")]
-    rows = []
+    figures = (["val loss", "test loss", "test bits/char", "ensemble loss"] if lm
+               else ["val acc", "test acc", "ensemble acc"])
+    rows, sizes = [], False
     for group, g in final.groupby("group", sort=False):
         params = json.loads(g["params"].iloc[0])
+        chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         single = (g["method"] == "allreduce").all()
-        for model, figures, size in _architectures(g):
-            row = {"group": f"{group} {model}" if model else group, "method": g["method"].iloc[0],
-                   **({"params": size} if size is not None else {}),
-                   "best config": ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in params.items()),
-                   "seeds": len(figures)}
-            if lm:
-                row.update({"val loss": report.num_mean_std(figures["val_loss"]),
-                            "test loss": report.num_mean_std(figures["test_loss"]),
-                            "test bits/char": report.num_mean_std(figures["test_loss"], scale=1 / math.log(2)),
-                            "ensemble loss": DASH if single else report.num_mean_std(figures["ensemble_test_loss"])})
-            else:
-                row.update({"val acc": report.pct_mean_std(figures["val_acc"]),
-                            "test acc": report.pct_mean_std(figures["test_acc"]),
-                            "ensemble acc": DASH if single else report.pct_mean_std(figures["ensemble_test_acc"])})
-            rows.append(row)
-    return pd.DataFrame(rows)
+        mixed = _summaries_of_mixed(g)
+        for _, model, figs in (report.row_groups(mixed) if mixed is not None else [(group, None, g)]):
+            sizes |= model is not None
+            rows.append({"group": group, "model": model, "params": report.count(figs["params"].iloc[0])
+                         if model is not None else DASH, "method": g["method"].iloc[0], "best config": chosen,
+                         "seeds": len(figs), **report.cells(figs, single, figures)})
+    columns = ["group", *(["model", "params"] if sizes else []), "method", "best config", "seeds", *figures]
+    return pd.DataFrame(rows, columns=columns)
 
 
-def _architectures(reruns: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame, str | None]]:
-    """(model, its figures per re-run, its parameter count) for each architecture of a group's
-    re-runs when their replicas differ; otherwise the re-runs' own rows once."""
+def _summaries_of_mixed(reruns: pd.DataFrame) -> pd.DataFrame | None:
+    """The re-runs' summaries, a row per architecture, when their replicas differ; else None."""
     paths = reruns["path"].dropna() if "path" in reruns.columns else []
     if len(paths) == len(reruns) and len(paths):
         summaries = report.load_summaries([Path(p) for p in paths])
-        if summaries["model"].nunique() > 1:
-            return [(model, a, f"{int(a['params'].iloc[0]):,}")
-                    for model, a in summaries.groupby("model", sort=False)]
-    return [(None, reruns, None)]
+        if report.several_models(summaries):
+            return summaries
+    return None
 
 
 def plot_heatmap(search_rows: pd.DataFrame, x: str, y: str, path: Path, task: Task = CLASSIFY) -> bool:

@@ -88,12 +88,17 @@ def test_a_mixed_runs_table_shows_each_architecture_and_its_size(tmp_path):
     mixed = _summary(tmp_path, "mixed", "codistill", [("cnn(25)", 5210, 0.94), ("cnn(8)", 900, 0.88)])
     small = _summary(tmp_path, "small", "independent", [("cnn(8)", 900, 0.85)])
     rows = load_summaries([mixed, small])
-    assert list(rows["group"]) == ["codistill cnn(25)", "codistill cnn(8)", "independent"]
+    assert list(rows["model"]) == ["cnn(25)", "cnn(8)", "cnn(8)"]
     assert list(rows["test_acc"]) == [0.94, 0.88, 0.85]  # never the mean of a large and a small model
-    table = comparison_table(rows).set_index("method")
-    assert table.loc["codistill cnn(8)", "params"] == "900" and table.loc["codistill cnn(25)", "test acc"] == "94.0"
-    assert table.loc["independent cnn(8)", "test acc"] == "85.0"
-    assert table.loc["codistill cnn(8)", "ensemble acc"] == "90.0"  # the ensemble is the whole run's
+    table = comparison_table(rows)
+    assert list(table.columns[:4]) == ["method", "model", "params", "seeds"]
+    assert list(zip(table["method"], table["model"])) == [("codistill", "cnn(25)"), ("codistill", "cnn(8)"),
+                                                          ("independent", "cnn(8)")]  # the large model first
+    table = table.set_index(["method", "model"])
+    assert table.loc[("codistill", "cnn(8)"), "params"] == "900"
+    assert table.loc[("codistill", "cnn(25)"), "test acc"] == "94.0"
+    assert table.loc[("independent", "cnn(8)"), "test acc"] == "85.0"
+    assert table.loc[("codistill", "cnn(8)"), "ensemble acc"] == "90.0"  # the ensemble is the whole run's
 
 
 def test_tunes_table_gives_each_architecture_of_a_mixed_group_its_row(tmp_path):
@@ -103,9 +108,10 @@ def test_tunes_table_gives_each_architecture_of_a_mixed_group_its_row(tmp_path):
     results = pd.DataFrame([{"phase": "final", "status": "finished", "group": "codistill", "method": "codistill",
                              "params": '{"codistill.alpha": 0.5}', "path": str(d), "val_acc": 0.9, "test_acc": 0.91,
                              "ensemble_test_acc": 0.9} for d in runs])
-    table = final_table(results).set_index("group")
-    assert table.loc["codistill cnn(25)", "test acc"] == "94.5 ± 0.7" and table.loc["codistill cnn(8)", "params"] == "900"
-    assert table.loc["codistill cnn(8)", "test acc"] == "88.0 ± 0.0"
+    table = final_table(results).set_index(["group", "model"])
+    assert table.loc[("codistill", "cnn(25)"), "test acc"] == "94.5 ± 0.7"
+    assert table.loc[("codistill", "cnn(8)"), "params"] == "900"
+    assert table.loc[("codistill", "cnn(8)"), "test acc"] == "88.0 ± 0.0"
 
 
 # -- on a real local Ray --------------------------------------------------------------------------

@@ -84,6 +84,11 @@ def test_study_reads_finished_searches_and_tabulates_against_r(tmp_path):
     t = scaling_table(lm).set_index(["group", "R"])
     assert t.loc[("random_peer", 4), "test loss"] == "1.810 ± 0.014" and "test acc" not in t.columns
     assert t.loc[("random_peer", 4), "ensemble loss"] == "1.900 ± 0.000"
+    # a study of a large and a small model (replica_overrides): a row per architecture, never their mean
+    small = rows[rows["group"] == "random_peer"].assign(model="mlp(8)", test_acc=0.5)
+    t = scaling_table(pd.concat([rows.assign(model="mlp(64)"), small])).set_index(["group", "R", "model"])
+    assert t.loc[("random_peer", 4, "mlp(64)"), "test acc"] == "90.5 ± 0.7"
+    assert t.loc[("random_peer", 4, "mlp(8)"), "test acc"] == "50.0 ± 0.0"
 
 
 def test_study_refuses_bad_arguments(tmp_path):
