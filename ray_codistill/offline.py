@@ -20,6 +20,7 @@ from ray_codistill.config import ExperimentConfig
 from ray_codistill.errors import ConfigError, ModelError
 from ray_codistill.models import build_model, check_model, describe_model
 from ray_codistill.results import newest_state, read_config, replica_runs
+from ray_codistill.teachers import forward_teacher
 
 KEY = "codistill.teacher_from"
 DATA_KEYS_IGNORED = ("num_workers", "root")  # how data is read, not what it is
@@ -78,11 +79,7 @@ class FixedTeacher:
         self.rule, self.temperature = cfg.codistill.teacher_rule, cfg.codistill.temperature
 
     def teacher(self, x: torch.Tensor, step: int, device: torch.device, upcoming):
-        with torch.no_grad():
-            z = self.model(x)
-            if self.rule == "mean_probs":  # the teacher the loss expects under that rule: probabilities
-                z = torch.softmax(z / self.temperature, dim=-1)
-        return z, None, np.zeros(x.shape[0], dtype=np.int64)
+        return forward_teacher([self.model], x, self.rule, self.temperature), None, np.zeros(x.shape[0], dtype=np.int64)
 
     def publish(self, step: int, idx: torch.Tensor, logits: torch.Tensor) -> None:
         pass  # nothing is exchanged

@@ -143,6 +143,17 @@ class LogitsTeacher:
         self.outbox = []
 
 
+def forward_teacher(models: list, x: torch.Tensor, rule: str, temperature: float) -> torch.Tensor:
+    """The teacher of a batch from models held locally (peers' copies, or a finished model): their
+    logits, their mean, or under `mean_probs` the mean of softmax(z / temperature), which the loss
+    then takes as probabilities."""
+    with torch.no_grad():
+        outputs = [m(x) for m in models]
+        if rule == "mean_probs":
+            outputs = [F.softmax(z / temperature, dim=-1) for z in outputs]
+        return outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)  # one model: no copy
+
+
 class WeightsTeacher:
     """Local eval-mode copies of the peers' latest published weights, run on our own batch;
     `model_fn(peer)` builds a peer's own architecture (replicas may differ: `replica_overrides`).
@@ -205,11 +216,7 @@ class WeightsTeacher:
         for p, a in zip(peers, ages):
             acc = self.tally["peer_ages"].setdefault(p, [0, 0])
             acc[0], acc[1] = acc[0] + a, acc[1] + 1
-        with torch.no_grad():
-            outputs = [self.peers[p][0](x) for p in peers]
-            if self.rule == "mean_probs":
-                outputs = [F.softmax(z / self.temperature, dim=-1) for z in outputs]
-            teacher = outputs[0] if len(outputs) == 1 else torch.stack(outputs).mean(0)  # one peer: no copy
+        teacher = forward_teacher([self.peers[p][0] for p in peers], x, self.rule, self.temperature)
         return teacher, None, np.asarray(ages)  # every sample has a teacher: no mask
 
     def flush(self) -> None:
