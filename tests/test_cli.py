@@ -1,16 +1,39 @@
-"""The `ray-codistill` command as a user runs it: exit codes and messages."""
+"""The `ray-codistill` command as a user runs it: exit codes and messages.
+
+The refusals run the command's `main` in this process (the fast tier: torch and Ray are imported
+once, not per test); one test runs it as `python -m ray_codistill.cli`, the way the console
+script does, exit status and all."""
 
 from __future__ import annotations
 
+import io
+import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
+from unittest import mock
 
 import pytest
 
 from conftest import CONFIGS, ROOT
+from ray_codistill import cli
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """`ray-codistill ARGS` in this process: its exit status (argparse's too) and its output. The
+    environment is restored after (`run` sets the console's variables, `console.quiet_ray`)."""
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ), redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized(), "a refusal started Ray: it belongs in _process (ray tier)"
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ray_codistill.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -33,16 +56,17 @@ def test_missing_data_root_is_a_config_error(tmp_path):
     assert out.returncode == 2 and "data.root" in out.stderr
 
 
+@pytest.mark.ray  # the folder is made (and refused) after Ray has started: a local Ray, in a subprocess
 def test_unwritable_storage_is_a_config_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    out = _cli("run", str(CONFIGS / "smoke.yaml"), "--storage", str(blocker / "results"))
+    out = _process("run", str(CONFIGS / "smoke.yaml"), "--storage", str(blocker / "results"))
     assert out.returncode == 2 and "storage_path" in out.stderr
 
 
 def test_unreachable_address_fails_fast_and_writes_nothing(tmp_path):
-    out = _cli("run", str(CONFIGS / "smoke.yaml"), "--storage", str(tmp_path), "--address", "127.0.0.1:1",
-               timeout=60)
+    out = _process("run", str(CONFIGS / "smoke.yaml"), "--storage", str(tmp_path), "--address", "127.0.0.1:1",
+                   timeout=60)
     assert out.returncode == 1 and "cannot reach a Ray cluster at '127.0.0.1:1'" in out.stderr
     assert not any(tmp_path.iterdir())
 
