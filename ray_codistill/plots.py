@@ -28,9 +28,9 @@ class Curve(NamedTuple):
 
 
 CURVES = [
-    Curve("val/acc", "validation accuracy (%; per token for text)", "val_acc.png", scale=100),
+    Curve("val/acc", "validation accuracy (%)", "val_acc.png", scale=100),
     Curve("val/bpc", "validation loss (bits per character)", "val_bpc.png"),  # language models
-    Curve("train/loss", "training loss (nats per sample; per token for text)", "train_loss.png", log_y=True),
+    Curve("train/loss", "training loss (nats per sample)", "train_loss.png", log_y=True),
 ]
 DIVERGENCE_CURVES = [
     Curve("disagreement", "top-1 disagreement on the probe set (%)", "disagreement.png", scale=100),
@@ -100,9 +100,12 @@ def plot_curves(metrics: pd.DataFrame, out_dir: str | Path, curves=CURVES, show_
     written: list[Path] = []
     if metrics.empty or "step" not in metrics.columns:
         return written
+    text = "val/bpc" in metrics.columns and metrics["val/bpc"].notna().any()  # a language model's
     for curve in curves:
         if curve.column not in metrics.columns or metrics[curve.column].isna().all():
             continue
+        if text:  # its accuracy and loss are per token (character)
+            curve = curve._replace(ylabel=curve.ylabel.replace("(%)", "per token (%)").replace("per sample", "per token"))
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / curve.file
         plot(metrics, curve, path, show_runs)
