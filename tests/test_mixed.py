@@ -4,19 +4,21 @@ config and its refusals (no Ray), then mixed pairs in each exchange mode, one-wa
 
 from __future__ import annotations
 
+import io
 import json
-import subprocess
-import sys
+import os
+from contextlib import redirect_stderr
+from unittest import mock
 
 import pandas as pd
 import pytest
 
-from ray_codistill import launcher
+from ray_codistill import cli, launcher
 from ray_codistill.config import load_config
 from ray_codistill.errors import ConfigError, ModelError
 from ray_codistill.report import comparison_table, load_summaries
 
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS
 
 PAIR = "replica_overrides=[{model.hidden: 64}, {model.hidden: 8, optim.lr: 0.005}]"
 SHORT = ("steps=120", "eval_every=60")  # runs on Ray: long enough for teachers after the 20-step burn-in
@@ -65,10 +67,11 @@ def test_replicas_whose_outputs_do_not_match_are_refused_before_ray(tmp_path):
     cfg = smoke("replica_overrides=[{}, {model.name: gpt}]", storage_path=str(tmp_path))
     with pytest.raises(ModelError, match=r"^replica_overrides\[1\]\.model.name=gpt"):
         launcher.run(cfg)
-    out = subprocess.run([sys.executable, "-m", "ray_codistill.cli", "run", str(CONFIGS / "smoke.yaml"), "--set",
-                          "replica_overrides=[{}, {model.name: resnet18}]", "--storage", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "replica_overrides[1].model.name=resnet18" in out.stderr
+    err = io.StringIO()
+    with mock.patch.dict(os.environ), redirect_stderr(err):  # in this process, as tests/test_cli.py's refusals
+        code = cli.main(["run", str(CONFIGS / "smoke.yaml"), "--set", "replica_overrides=[{}, {model.name: resnet18}]",
+                         "--storage", str(tmp_path)])
+    assert code == 2 and "replica_overrides[1].model.name=resnet18" in err.getvalue()
     assert not any(tmp_path.iterdir())
 
 
