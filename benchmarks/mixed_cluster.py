@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((out / NAME / "summary.json").read_text())
     print(f"\n[{clock}] finished in {summary['wall_time_s']:.0f} s; {load_average()}\n")
     rows = [[r["replica"], r["model"], f"{r['params']:,}", f"{100 * r['test_acc']:.1f}",
-             json.dumps(summary["broker"][str(r["replica"])].get("age_by_peer"))] for r in summary["replicas"]]
-    print(markdown_table(["replica", "model", "params", "test acc (%)", "teacher age by peer"], rows))
-    print(f"\nensemble test acc {100 * summary['ensemble_test_acc']:.1f} %; nodes {nodes}")
+             ", ".join(f"peer {p}: {a:.1f}" for p, a in (summary["broker"][str(r["replica"])].get("age_by_peer") or {}).items())]
+            for r in summary["replicas"]]
+    print(markdown_table(["replica", "model", "params", "test acc (%)", "mean teacher age by peer (steps)"], rows))
+    print(f"\nensemble test acc {100 * summary['ensemble_test_acc']:.1f} %; Ray nodes: {sorted(nodes.values())}")
     return 0
 
 
