@@ -34,6 +34,21 @@ def experiment_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_pair_options(parser: argparse.ArgumentParser) -> None:
+    """--large and --small: the keys of a large and a small model (benchmarks of mixed pairs)."""
+    parser.add_argument("--large", action="append", default=[], metavar="KEY=VALUE",
+                        help="the large model's keys (default: model.channels=25)")
+    parser.add_argument("--small", action="append", default=[], metavar="KEY=VALUE",
+                        help="the small model's keys (default: model.channels=6)")
+
+
+def pair_of(args: argparse.Namespace) -> tuple[dict, dict]:
+    """The large and the small model's keys of `add_pair_options`, as mappings."""
+    from ray_codistill.config import parse_override
+    return (dict(parse_override(t) for t in args.large or ["model.channels=25"]),
+            dict(parse_override(t) for t in args.small or ["model.channels=6"]))
+
+
 def add_codistill_options(parser: argparse.ArgumentParser, steps: int | None) -> None:
     """The options of a benchmark of codistillation runs: --alpha, --cpus, --steps (`steps`; None:
     the config's) and --broker-niceness (one value per run or case)."""

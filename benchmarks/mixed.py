@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from common import Clock, command, experiment_parser, load_average, machine, out_folder, run_experiment, start_ray
+from common import (Clock, add_pair_options, command, experiment_parser, load_average, machine, out_folder, pair_of,
+                    run_experiment, start_ray)
 
 from ray_codistill import report
-from ray_codistill.config import load_config, parse_override
+from ray_codistill.config import load_config
 from ray_codistill.fmt import markdown_table
 
 
@@ -44,14 +45,10 @@ def paths(base, large: dict, small: dict, seed: int, folder: Path) -> list[tuple
 
 def main(argv: list[str] | None = None) -> int:
     parser = experiment_parser(__doc__)
-    parser.add_argument("--large", action="append", default=[], metavar="KEY=VALUE",
-                        help="the large model's keys (default: model.channels=25)")
-    parser.add_argument("--small", action="append", default=[], metavar="KEY=VALUE",
-                        help="the small model's keys (default: model.channels=6)")
+    add_pair_options(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
-    large = dict(parse_override(t) for t in args.large or ["model.channels=25"])
-    small = dict(parse_override(t) for t in args.small or ["model.channels=6"])
+    large, small = pair_of(args)
     out = out_folder(args.out, "mixed")
     base = load_config(args.config, args.set, storage_path=str(out))
     start_ray()

@@ -18,9 +18,10 @@ import subprocess
 import sys
 import time
 
-from common import REPO, Clock, command, experiment_parser, load_average, machine, out_folder
+from common import (REPO, Clock, add_pair_options, command, experiment_parser, load_average, machine, out_folder,
+                    pair_of)
 
-from ray_codistill.config import load_config, parse_override
+from ray_codistill.config import load_config
 from ray_codistill.fmt import markdown_table
 
 sys.path.insert(0, str(REPO))  # the emulated cluster: in the checkout, beside the package (not installed)
@@ -44,10 +45,7 @@ def _stats(cluster: EmulatedCluster) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = experiment_parser(__doc__)
-    parser.add_argument("--large", action="append", default=[], metavar="KEY=VALUE",
-                        help="the large model's keys (default: model.channels=25)")
-    parser.add_argument("--small", action="append", default=[], metavar="KEY=VALUE",
-                        help="the small model's keys (default: model.channels=6)")
+    add_pair_options(parser)
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="each link's rate (default: 100)")
     parser.add_argument("--timeout", type=float, default=1200, help="give up after this many seconds")
     args = parser.parse_args(argv)
@@ -55,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         print(f"mixed_cluster: {why}", file=sys.stderr)
         return 2
-    large = dict(parse_override(t) for t in args.large or ["model.channels=25"])
-    small = dict(parse_override(t) for t in args.small or ["model.channels=6"])
+    large, small = pair_of(args)
     overrides = "[" + ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in m.items()) + "}" for m in (large, small)) + "]"
     out = out_folder(args.out, "mixed-cluster")
     clock = Clock()
