@@ -23,14 +23,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     """`ray-codistill ARGS` in this process: its exit status (argparse's too) and its output. The
     environment is restored after (`run` sets the console's variables, `console.quiet_ray`)."""
     out, err = io.StringIO(), io.StringIO()
+    ray_before = _ray_up()  # the session's Ray may be up already (the full suite): only a new start counts
     with mock.patch.dict(os.environ), redirect_stdout(out), redirect_stderr(err):
         try:
             code = cli.main(list(args))
         except SystemExit as e:  # argparse's usage errors
             code = e.code
-    ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized(), "a refusal started Ray: it belongs in _process (ray tier)"
+    assert ray_before or not _ray_up(), "a refusal started Ray: it belongs in _process (ray tier)"
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def _process(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
